@@ -1,0 +1,49 @@
+# pipeflow: `make demo` and `make test` work on a fresh machine with Python 3.11+, Rust and make.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.deps-installed
+
+.PHONY: demo test test-rust test-loom test-python lint build bench clean
+
+# The virtual environment with maturin; re-made when the dependency list changes.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "maturin>=1.7,<2"
+	touch $(STAMP)
+
+# Builds the extension in release mode into the venv, with the runtime and dev dependencies.
+build: $(STAMP)
+	$(VENV)/bin/maturin develop --release --quiet --extras dev
+
+demo: build
+	$(PY) -m pipeflow demo
+
+test: build test-rust test-loom lint test-python
+
+test-rust:
+	cargo test --workspace --release
+
+# Loom model checks of our own concurrency protocols (a separate target dir: other cfg flags).
+test-loom:
+	RUSTFLAGS="--cfg loom" cargo test -p pipeflow-core --test loom --release --target-dir target/loom
+
+test-python: build
+	$(PY) -m pytest -q
+
+lint: build
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets --release -- -D warnings
+	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/ruff format --check python tests benches
+	$(VENV)/bin/mypy
+
+bench: build
+	$(PY) -m pip install --quiet -e ".[bench]" --no-build-isolation --no-deps 2>/dev/null || true
+	$(PY) -m pip install --quiet joblib loky mpire pypeln pebble faster-fifo
+	$(PY) -m pytest benches -q --benchmark-enable -p no:cacheprovider
+	$(PY) -m benches.compare
+
+clean:
+	rm -rf $(VENV) target

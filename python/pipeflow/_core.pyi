@@ -1,0 +1,83 @@
+"""Typing stubs for the Rust extension ``pipeflow._core``."""
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, final
+
+@final
+class Channel:
+    """A bounded multi-producer multi-consumer channel with Go's rules.
+
+    ``capacity`` items are buffered; 0 makes a rendezvous (each send waits for a receiver). The
+    producer closes; receivers drain what was sent, then see the end (``recv`` raises
+    ``ChannelClosed``, iteration stops). Sending on a closed channel raises ``ChannelClosed``.
+    Every blocking call releases the GIL and stays interruptible by Ctrl-C.
+
+    Example:
+        >>> import pipeflow as pf
+        >>> ch = pf.Channel(2)
+        >>> ch.send("a"); ch.send("b"); ch.close()
+        True
+        >>> list(ch)
+        ['a', 'b']
+    """
+
+    def __init__(self, capacity: int = 0) -> None: ...
+    @property
+    def capacity(self) -> int:
+        """The buffer size given at creation."""
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` was called (items may still be buffered)."""
+    def __len__(self) -> int:
+        """How many items are buffered now."""
+    def send(self, item: Any, timeout: float | None = None) -> None:
+        """Sends, blocking while full; ``TimeoutError`` after ``timeout`` s, ``ChannelClosed``
+        if the channel is or becomes closed."""
+    def try_send(self, item: Any) -> bool:
+        """Sends without blocking; False if full (or no receiver waits, for capacity 0)."""
+    def recv(self, timeout: float | None = None) -> Any:
+        """Receives, blocking while empty; ``TimeoutError`` after ``timeout`` s,
+        ``ChannelClosed`` once closed and drained."""
+    def try_recv(self) -> tuple[bool, Any]:
+        """``(True, item)`` or ``(False, None)`` if nothing is buffered; ``ChannelClosed`` once
+        closed and drained."""
+    def close(self) -> bool:
+        """Closes the channel; True if this call closed it (closing again is allowed)."""
+    def __iter__(self) -> Iterator[Any]: ...
+    def __next__(self) -> Any: ...
+
+def select(channels: Sequence[Channel], timeout: float | None = None) -> tuple[int, Any]:
+    """Receives from whichever channel is ready first: ``(index, item)``.
+
+    Closed and drained channels are skipped; when all are, raises ``ChannelClosed``.
+    ``TimeoutError`` after ``timeout`` seconds.
+
+    Example:
+        >>> import pipeflow as pf
+        >>> a, b = pf.Channel(1), pf.Channel(1)
+        >>> b.send("from b")
+        >>> pf.select([a, b])
+        (1, 'from b')
+    """
+
+@final
+class Pool:
+    """The work-stealing pool. Threads start on demand up to ``max_threads`` and retire after
+    ``keep_alive`` idle seconds."""
+
+    def __init__(self, max_threads: int = 1024, keep_alive: float = 10.0) -> None: ...
+    def submit(self, func: Callable[[], object]) -> None:
+        """Runs ``func()`` on a pool thread; its exceptions go to ``sys.unraisablehook``."""
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Stops accepting jobs, runs the queued ones, waits for the threads; True if all
+        exited within ``timeout`` s."""
+    def _abandon_after_fork(self) -> None: ...
+    @property
+    def threads(self) -> int:
+        """Threads alive."""
+    @property
+    def idle(self) -> int:
+        """Threads waiting for work."""
+    @property
+    def running(self) -> int:
+        """Jobs running now."""

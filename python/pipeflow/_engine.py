@@ -1,0 +1,508 @@
+"""The local engine: runs a pipeline's steps on the work-stealing pool.
+
+::
+
+                 ch[0]            ch[1]                 ch[2]          ch[3]
+    items ─► feeder ─► [step 0 workers × N] ─► [batch step] ─► [step 2 workers] ─► caller
+              │  ▲       (fan-out, fan-in)      reorders,          (fan-out)       reorders,
+              │  └──────────── window 0 ──────── groups ◄─ window 1 ──────────────── yields
+              └ reads the input lazily
+
+Every arrow is a bounded ``pipeflow.Channel`` of *batches*: lists of ``(key, value)`` records
+(keys in ``_ordering``). A batch is sized for the step that receives it, from that step's measured
+time per item, so tiny items travel ~1000 to a batch and slow ones one at a time. The feeder and
+each batch step are the *source* of a segment; the next batch step or the caller is its
+*reorder point*, and a :class:`~pipeflow._ordering.Window` between them bounds what is in flight.
+
+Every task (feeder, each worker, each batch step) runs on the pool. The producer closes: the last
+worker of a step to finish closes that step's output channel. The first error (a stage's
+exception, a bad input iterator, an item past its ``timeout``) is recorded once, cancels the run's
+context, and the cancellation closes every channel, which wakes every blocked task; the caller
+re-raises the error after every task has finished. The caller also supervises: each
+``SUPERVISE_EVERY`` seconds it checks deadlines and per-item timeouts.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+import threading
+from collections.abc import Callable, Iterator
+from time import perf_counter
+from typing import Any
+
+from ._context import Context, _current, current_context
+from ._core import Channel
+from ._errors import ChannelClosed
+from ._ordering import SKIP, Key, Reorderer, Window, child_key
+from ._pool import default_pool
+from .pipeline import Step
+
+__all__ = ["Run", "worker_state"]
+
+MAX_CHUNK = 1024  # the most records in one batch
+CHUNK_SECONDS = 0.002  # aim for batches that take a worker about this long
+SOURCE_HOLD = 0.005  # the feeder sends a partial batch once its first item waited this long
+SUPERVISE_EVERY = 0.1
+WINDOW_BATCHES = 4  # in-flight bound, in batches per worker and queue slot
+
+_worker_state: contextvars.ContextVar[Any] = contextvars.ContextVar("pipeflow_worker_state")
+_NO_STATE = object()
+
+
+def worker_state() -> Any:
+    """The value the stage's ``init`` returned, for the worker that is running.
+
+    Example:
+        >>> import pipeflow as pf
+        >>> def load_model():
+        ...     return {"scale": 10}
+        >>> def score(x):
+        ...     return x * pf.worker_state()["scale"]
+        >>> pf.Pipeline(kind="thread").stage(score, init=load_model).run([1, 2])
+        [10, 20]
+    """
+    state = _worker_state.get(_NO_STATE)
+    if state is _NO_STATE:
+        raise LookupError(
+            "worker_state() is only available inside a stage function whose stage has init="
+        )
+    return state
+
+
+class _StepState:
+    """What the engine tracks for one step while it runs."""
+
+    def __init__(self, step: Step, index: int, segment: int) -> None:
+        self.step = step
+        self.index = index
+        self.segment = segment
+        self.seconds_per_item: float | None = None
+        self.workers_left = step.workers
+        # Per worker: [key of the item in hand or None, when it started].
+        self.slots: list[list[Any]] = [[None, 0.0] for _ in range(step.workers)]
+        self.task_ids: list[int] = []
+
+    def chunk(self) -> int:
+        """How many records a batch for this step should hold."""
+        if self.step.op == "batch":
+            return MAX_CHUNK
+        spi = self.seconds_per_item
+        if spi is None:
+            return 1
+        return max(1, min(MAX_CHUNK, int(CHUNK_SECONDS / max(spi, 1e-9))))
+
+    def measure(self, seconds: float, items: int) -> None:
+        if items:
+            spi = seconds / items
+            old = self.seconds_per_item
+            self.seconds_per_item = spi if old is None else 0.7 * old + 0.3 * spi
+
+
+class Run:
+    """One run of a pipeline. :meth:`results` is the caller's side: a generator."""
+
+    def __init__(
+        self,
+        steps: tuple[Step, ...],
+        source: Iterator[Any],
+        total: int | None,
+        progress: bool,
+        context: Context | None,
+        timeout: float | None,
+    ) -> None:
+        self.source = source
+        self.total = total
+        self.progress = progress
+        self.ctx = Context(timeout=timeout, parent=context or current_context())
+        self.states: list[_StepState] = []
+        segment = 0
+        for i, step in enumerate(steps):
+            self.states.append(_StepState(step, i, segment))
+            if step.op == "batch":
+                segment += 1
+        # channels[i] feeds step i; the last one feeds the caller.
+        self.channels = [Channel(s.capacity) for s in steps] + [Channel(4)]
+        self.windows = [
+            Window(self._window_limit_of(k), self._stopping) for k in range(segment + 1)
+        ]
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._stopped = False
+        self._tasks_cond = threading.Condition()
+        self._running: set[int] = set()
+        self._abandoned: set[int] = set()
+        self._ids = itertools.count()
+
+    # ----------------------------------------------------------------- set-up and tear-down
+
+    def _segment_steps(self, segment: int) -> list[_StepState]:
+        return [s for s in self.states if s.segment == segment and s.step.op != "batch"]
+
+    def _window_limit_of(self, segment: int) -> Callable[[], int]:
+        """The in-flight bound of a segment: a few batches per worker and queue slot, with
+        batches as large as the segment's first step takes now."""
+        steps = self._segment_steps(segment)
+        slots = max(1, sum(s.step.workers + s.step.capacity for s in steps))
+        first = steps[0] if steps else None
+        return lambda: WINDOW_BATCHES * slots * (first.chunk() if first else MAX_CHUNK)
+
+    def _segment_ordered(self, segment: int) -> bool:
+        """Whether the reorder point ending ``segment`` restores input order."""
+        ends = [s for s in self.states if s.segment == segment and s.step.op == "batch"]
+        steps = self._segment_steps(segment) + ends
+        return all(s.step.ordered for s in steps)
+
+    def _stopping(self) -> bool:
+        return self._stopped
+
+    def _abort(self, _ctx: Context | None = None) -> None:
+        """Stops everything: closes every channel, which wakes every blocked task."""
+        self._stopped = True
+        for ch in self.channels:
+            ch.close()
+        for w in self.windows:
+            w.wake()
+
+    def _start(self) -> None:
+        self.ctx._on_cancel(self._abort)
+        self._submit(self._feed)
+        for st in self.states:
+            if st.step.op == "batch":
+                self._submit(self._batcher, st)
+            else:
+                st.task_ids = [self._submit(self._work, st, w) for w in range(st.step.workers)]
+
+    def _submit(self, fn: Callable[..., None], *args: Any) -> int:
+        """Runs ``fn(*args)`` on the pool in a copy of the caller's contextvars; returns its id."""
+        task_vars = contextvars.copy_context()
+        with self._tasks_cond:
+            task_id = next(self._ids)
+            self._running.add(task_id)
+
+        def task() -> None:
+            try:
+                task_vars.run(self._in_context, fn, *args)
+            finally:
+                with self._tasks_cond:
+                    self._running.discard(task_id)
+                    self._tasks_cond.notify_all()
+
+        try:
+            default_pool().submit(task)
+        except BaseException:
+            with self._tasks_cond:
+                self._running.discard(task_id)
+            raise
+        return task_id
+
+    def _in_context(self, fn: Callable[..., None], *args: Any) -> None:
+        _current.set(self.ctx)
+        fn(*args)
+
+    def _join(self) -> None:
+        """Waits for every task but those abandoned past a timeout (threads can't be killed)."""
+        with self._tasks_cond:
+            while self._running - self._abandoned:
+                self._tasks_cond.wait()
+
+    # ----------------------------------------------------------------- errors
+
+    def _fail(self, error: BaseException, where: str) -> None:
+        """Records the first error and cancels the run; later errors are dropped."""
+        with self._lock:
+            if self._error is not None:
+                return
+            self._error = error
+        error.add_note(f"pipeflow: raised in {where}")
+        self.ctx.cancel(f"{where} raised {type(error).__name__}: {error}")
+
+    def _where(self, st: _StepState, worker: int, key: Key | None) -> str:
+        step = st.step
+        text = f"stage {st.index} ({step.name!r}, {step.kind} worker {worker})"
+        return text if key is None else f"{text} on {self._position(st.segment, key)}"
+
+    def _position(self, segment: int, key: Key) -> str:
+        top = key if isinstance(key, int) else key[0]
+        if segment == 0:
+            text = f"input item {top}"
+        else:
+            batcher = [s for s in self.states if s.step.op == "batch"][segment - 1]
+            text = f"batch {top} of step {batcher.index} ({batcher.step.name!r})"
+        if isinstance(key, tuple):
+            path = ", ".join(f"{key[j]} of {key[j + 1]}" for j in range(1, len(key), 2))
+            text += f" (flat_map output {path})"
+        return text
+
+    # ----------------------------------------------------------------- sending
+
+    def _send_chunks(self, index: int, records: list[Any]) -> bool:
+        """Sends ``records`` into ``channels[index]`` in batches sized for its step."""
+        ch = self.channels[index]
+        size = self.states[index].chunk() if index < len(self.states) else MAX_CHUNK
+        try:
+            if len(records) <= size:
+                if records:
+                    ch.send(records)
+            else:
+                for k in range(0, len(records), size):
+                    ch.send(records[k : k + size])
+        except ChannelClosed:
+            return False
+        return True
+
+    # ----------------------------------------------------------------- tasks
+
+    def _feed(self) -> None:
+        """Reads the input lazily, numbering items, in batches sized for step 0."""
+        window = self.windows[0]
+        first = self.states[0] if self.states else None
+        seq = 0
+        try:
+            chunk = first.chunk() if first else MAX_CHUNK
+            batch: list[Any] = []
+            started = 0.0
+            for item in self.source:
+                if not batch:
+                    started = perf_counter()
+                batch.append((seq, item))
+                seq += 1
+                if len(batch) >= chunk or perf_counter() - started >= SOURCE_HOLD:
+                    if self._stopped or not window.acquire(len(batch)):
+                        return
+                    if not self._send_chunks(0, batch):
+                        return
+                    batch = []
+                    chunk = first.chunk() if first else MAX_CHUNK
+            if batch and window.acquire(len(batch)):
+                self._send_chunks(0, batch)
+        except BaseException as e:
+            self._fail(e, f"the input iterable (at item {seq})")
+        finally:
+            self.channels[0].close()
+
+    def _work(self, st: _StepState, worker: int) -> None:
+        """One worker of a map, filter or flat_map step."""
+        step = st.step
+        slot = st.slots[worker]
+        inq = self.channels[st.index]
+        try:
+            if step.init is not None:
+                _worker_state.set(step.init())
+            apply = _APPLY[step.op]
+            fn = _with_retries(step.fn, step.retries, self.ctx) if step.retries else step.fn
+            timed = step.timeout is not None
+            assert fn is not None
+            for batch in inq:
+                if self._stopped:
+                    break
+                t0 = perf_counter()
+                out, n = apply(fn, batch, slot, timed)
+                slot[0] = None
+                st.measure(perf_counter() - t0, n)
+                if not self._send_chunks(st.index + 1, out):
+                    break
+        except BaseException as e:
+            if not self._stopped:  # after a stop, errors are side effects of the stop
+                self._fail(e, self._where(st, worker, slot[0]))
+        finally:
+            slot[0] = None
+            self._worker_done(st)
+
+    def _worker_done(self, st: _StepState) -> None:
+        with self._lock:
+            st.workers_left -= 1
+            last = st.workers_left == 0
+        if last:
+            self.channels[st.index + 1].close()
+
+    def _batcher(self, st: _StepState) -> None:
+        """A batch step: puts its segment back in order, groups, numbers the groups anew."""
+        size = st.step.size
+        reorder = Reorderer(self._segment_ordered(st.segment))
+        window_in, window_out = self.windows[st.segment], self.windows[st.segment + 1]
+        group: list[Any] = []
+        seq = 0
+        released: list[Any] = []
+        try:
+            for batch in self.channels[st.index]:
+                if self._stopped:
+                    break
+                for key, value in batch:
+                    reorder.push(key, value, released)
+                window_in.completed_to(reorder.completed)
+                out = []
+                for value in released:
+                    group.append(value)
+                    if len(group) == size:
+                        out.append((seq, group))
+                        seq, group = seq + 1, []
+                released.clear()
+                if out and not (window_out.acquire(len(out)) and self._send_chunks(st.index + 1, out)):
+                    break
+            else:
+                if group and window_out.acquire(1):
+                    self._send_chunks(st.index + 1, [(seq, group)])
+        except BaseException as e:
+            self._fail(e, self._where(st, 0, None))
+        finally:
+            self._worker_done(st)
+
+    # ----------------------------------------------------------------- the caller's side
+
+    def results(self) -> Iterator[Any]:
+        """Starts the run and yields its results; stops and cleans up however it is left."""
+        segment = len(self.windows) - 1
+        reorder = Reorderer(self._segment_ordered(segment))
+        window = self.windows[segment]
+        out_ch = self.channels[-1]
+        bar = _progress_bar(self.total) if self.progress else None
+        finished = False
+        try:
+            self._start()
+            next_check = perf_counter() + SUPERVISE_EVERY
+            released: list[Any] = []
+            while True:
+                try:
+                    batch = out_ch.recv(timeout=SUPERVISE_EVERY)
+                except TimeoutError:
+                    batch = None
+                except ChannelClosed:
+                    break
+                if perf_counter() >= next_check or batch is None:
+                    self._supervise()
+                    next_check = perf_counter() + SUPERVISE_EVERY
+                if batch is None:
+                    continue
+                if self._stopped:
+                    break
+                for key, value in batch:
+                    reorder.push(key, value, released)
+                window.completed_to(reorder.completed)
+                if bar is not None:
+                    bar.update(self.windows[0]._completed - bar.n)
+                if released:
+                    yield from released
+                    released.clear()
+            finished = True
+        finally:
+            if not finished or self._error is not None:
+                self.ctx.cancel("the caller stopped consuming results")
+            self._join()
+            if bar is not None:
+                bar.close()
+        if self._error is not None:
+            raise self._error
+        if self.ctx.cancelled and self._stopped:
+            raise self.ctx.error()
+        self.ctx.cancel("the run finished")
+
+    def _supervise(self) -> None:
+        """Checks the run's deadline and each in-hand item's timeout."""
+        if self.ctx.cancelled:  # also fires a passed deadline
+            return
+        now = perf_counter()
+        for st in self.states:
+            limit = st.step.timeout
+            if limit is None:
+                continue
+            for w, (key, started) in enumerate(st.slots):
+                if key is not None and now - started > limit:
+                    with self._tasks_cond:
+                        self._abandoned.add(st.task_ids[w])
+                    self._fail(
+                        TimeoutError(
+                            f"an item took longer than timeout={limit} s; the thread running "
+                            "it cannot be stopped and finishes in the background"
+                        ),
+                        self._where(st, w, key),
+                    )
+                    return
+
+
+def _apply_map(
+    fn: Callable[[Any], Any], batch: list[Any], slot: list[Any], timed: bool
+) -> tuple[list[Any], int]:
+    out = []
+    n = 0
+    for key, value in batch:
+        if value is SKIP:
+            out.append((key, SKIP))
+            continue
+        slot[0] = key
+        if timed:
+            slot[1] = perf_counter()
+        out.append((key, fn(value)))
+        n += 1
+    return out, n
+
+
+def _apply_filter(
+    fn: Callable[[Any], Any], batch: list[Any], slot: list[Any], timed: bool
+) -> tuple[list[Any], int]:
+    out = []
+    n = 0
+    for key, value in batch:
+        if value is not SKIP:
+            slot[0] = key
+            if timed:
+                slot[1] = perf_counter()
+            if not fn(value):
+                value = SKIP
+            n += 1
+        out.append((key, value))
+    return out, n
+
+
+def _apply_flat_map(
+    fn: Callable[[Any], Any], batch: list[Any], slot: list[Any], timed: bool
+) -> tuple[list[Any], int]:
+    out: list[Any] = []
+    n = 0
+    for key, value in batch:
+        if value is SKIP:
+            out.append((key, SKIP))
+            continue
+        slot[0] = key
+        if timed:
+            slot[1] = perf_counter()
+        values = list(fn(value))
+        n += 1
+        if len(values) == 1:
+            out.append((key, values[0]))
+        elif not values:
+            out.append((key, SKIP))
+        else:
+            count = len(values)
+            out.extend((child_key(key, i, count), v) for i, v in enumerate(values))
+    return out, n
+
+
+_APPLY = {"map": _apply_map, "filter": _apply_filter, "flat_map": _apply_flat_map}
+
+
+def _with_retries(
+    fn: Callable[[Any], Any] | None, retries: int, ctx: Context
+) -> Callable[[Any], Any]:
+    assert fn is not None
+
+    def call(item: Any) -> Any:
+        for _ in range(retries):
+            try:
+                return fn(item)
+            except Exception:
+                if ctx.cancelled:
+                    raise
+        try:
+            return fn(item)
+        except Exception as e:
+            e.add_note(f"pipeflow: the item failed {retries + 1} times (retries={retries})")
+            raise
+
+    return call
+
+
+def _progress_bar(total: int | None) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="item", dynamic_ncols=True)

@@ -1,0 +1,350 @@
+"""The pipeline DSL: :class:`Pipeline` and its steps, argument checks, ``to_mermaid()``.
+
+A pipeline is an immutable chain of steps; each method returns a new pipeline, so a common prefix
+can be shared. Every argument is checked when the step is added, before any worker exists. The
+engine that runs a pipeline lives in ``_engine``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from ._context import Context
+
+__all__ = ["Pipeline", "Step"]
+
+Kind = Literal["process", "thread"]
+Op = Literal["map", "filter", "flat_map", "batch"]
+_KINDS = ("process", "thread")
+_BACKENDS = (None, "local")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a pipeline, as checked and normalised by :class:`Pipeline`."""
+
+    op: Op
+    fn: Callable[[Any], Any] | None
+    name: str
+    workers: int
+    kind: Kind
+    capacity: int
+    ordered: bool
+    init: Callable[[], Any] | None = None
+    timeout: float | None = None
+    retries: int = 0
+    size: int = 0  # batch steps: the largest batch
+
+
+class Pipeline:
+    """A chain of stages run by bounded worker pools, joined by bounded channels.
+
+    Args:
+        ordered: the default for every step: results come out in input order (True) or as they
+            complete (False).
+        kind: the default worker kind for every step: ``"process"`` or ``"thread"``.
+
+    Example:
+        >>> import pipeflow as pf
+        >>> p = (pf.Pipeline(kind="thread")
+        ...        .stage(lambda x: x * x, workers=4)
+        ...        .filter(lambda x: x % 2 == 0)
+        ...        .batch(3))
+        >>> p.run(range(10))
+        [[0, 4, 16], [36, 64]]
+    """
+
+    def __init__(self, *, ordered: bool = True, kind: Kind = "process") -> None:
+        _check_bool("ordered", ordered)
+        _check_kind(kind)
+        self._ordered = ordered
+        self._kind: Kind = kind
+        self._steps: tuple[Step, ...] = ()
+
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        """The steps, in order."""
+        return self._steps
+
+    def _add(self, step: Step) -> Pipeline:
+        p = Pipeline.__new__(Pipeline)
+        p._ordered, p._kind = self._ordered, self._kind
+        p._steps = (*self._steps, step)
+        return p
+
+    def _step(
+        self,
+        op: Op,
+        fn: Callable[..., Any],
+        workers: int,
+        kind: Kind | None,
+        name: str | None,
+        capacity: int | None,
+        ordered: bool | None,
+        init: Callable[[], Any] | None,
+        timeout: float | None,
+        retries: int,
+    ) -> Pipeline:
+        if not callable(fn):
+            raise TypeError(f"{op} needs a callable, got {type(fn).__name__}: {fn!r}")
+        _check_int("workers", workers, minimum=1)
+        kind = self._kind if kind is None else kind
+        _check_kind(kind)
+        if capacity is not None:
+            _check_int("capacity", capacity, minimum=0)
+        if ordered is not None:
+            _check_bool("ordered", ordered)
+        if init is not None and not callable(init):
+            raise TypeError(f"init must be a callable taking no arguments, got {init!r}")
+        if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
+            raise ValueError(f"timeout must be seconds > 0 or None, got {timeout!r}")
+        _check_int("retries", retries, minimum=0)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {name!r}")
+        if kind == "process":
+            raise NotImplementedError(
+                "process stages are not available yet (they are the next milestone); "
+                "pass kind='thread' to this step, or Pipeline(kind='thread') for every step"
+            )
+        return self._add(
+            Step(
+                op=op,
+                fn=fn,
+                name=name or getattr(fn, "__name__", type(fn).__name__),
+                workers=workers,
+                kind=kind,
+                capacity=2 * workers if capacity is None else capacity,
+                ordered=self._ordered if ordered is None else ordered,
+                init=init,
+                timeout=timeout,
+                retries=retries,
+            )
+        )
+
+    def stage(
+        self,
+        fn: Callable[[Any], Any],
+        *,
+        workers: int = 1,
+        kind: Kind | None = None,
+        name: str | None = None,
+        capacity: int | None = None,
+        ordered: bool | None = None,
+        init: Callable[[], Any] | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+    ) -> Pipeline:
+        """Adds a stage that maps each item through ``fn``.
+
+        Args:
+            fn: called as ``fn(item)``; its return value is the next item.
+            workers: how many workers run ``fn`` at once (fan-out; their outputs fan in).
+            kind: ``"thread"`` or ``"process"`` (default: the pipeline's).
+            name: used in errors, progress and ``to_mermaid()`` (default: the function's name).
+            capacity: the bound of the queue feeding this stage, in batches (default
+                ``2 * workers``).
+            ordered: False lets items leave this stage in completion order.
+            init: called once per worker before its first item; its return value is what
+                :func:`pipeflow.worker_state` returns inside ``fn``.
+            timeout: seconds one item may take; past it the run fails with ``TimeoutError``.
+            retries: how many more times to try an item whose ``fn`` raised.
+
+        Example:
+            >>> import pipeflow as pf
+            >>> pf.Pipeline(kind="thread").stage(str.upper, workers=2).run(["a", "b"])
+            ['A', 'B']
+        """
+        return self._step(
+            "map", fn, workers, kind, name, capacity, ordered, init, timeout, retries
+        )
+
+    def filter(
+        self,
+        fn: Callable[[Any], Any],
+        *,
+        workers: int = 1,
+        kind: Kind | None = None,
+        name: str | None = None,
+        capacity: int | None = None,
+        ordered: bool | None = None,
+        init: Callable[[], Any] | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+    ) -> Pipeline:
+        """Adds a stage that keeps the items for which ``fn(item)`` is true.
+
+        Example:
+            >>> import pipeflow as pf
+            >>> pf.Pipeline(kind="thread").filter(lambda x: x > 1).run([0, 1, 2, 3])
+            [2, 3]
+        """
+        return self._step(
+            "filter", fn, workers, kind, name, capacity, ordered, init, timeout, retries
+        )
+
+    def flat_map(
+        self,
+        fn: Callable[[Any], Iterable[Any]],
+        *,
+        workers: int = 1,
+        kind: Kind | None = None,
+        name: str | None = None,
+        capacity: int | None = None,
+        ordered: bool | None = None,
+        init: Callable[[], Any] | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+    ) -> Pipeline:
+        """Adds a stage where each item becomes any number of items: those ``fn(item)`` yields.
+
+        Example:
+            >>> import pipeflow as pf
+            >>> pf.Pipeline(kind="thread").flat_map(range).run([1, 0, 3])
+            [0, 0, 1, 2]
+        """
+        return self._step(
+            "flat_map", fn, workers, kind, name, capacity, ordered, init, timeout, retries
+        )
+
+    def batch(
+        self,
+        size: int,
+        *,
+        name: str | None = None,
+        capacity: int | None = None,
+        ordered: bool | None = None,
+    ) -> Pipeline:
+        """Adds a step that groups items into lists of ``size`` (the last may be shorter).
+
+        With ``ordered`` (the default) a batch holds consecutive items in input order;
+        otherwise items are grouped as they arrive.
+
+        Example:
+            >>> import pipeflow as pf
+            >>> pf.Pipeline(kind="thread").batch(2).run(range(5))
+            [[0, 1], [2, 3], [4]]
+        """
+        _check_int("size", size, minimum=1)
+        step = self._step(
+            "batch", list, 1, "thread", name or f"batch({size})", capacity, ordered, None, None, 0
+        )._steps[-1]
+        return self._add(replace(step, size=size))
+
+    def run(
+        self,
+        items: Iterable[Any],
+        *,
+        progress: bool = False,
+        context: Context | None = None,
+        timeout: float | None = None,
+        backend: str | None = None,
+    ) -> list[Any]:
+        """Runs the pipeline over ``items`` and returns every result, in input order.
+
+        Args:
+            items: any iterable; it is read lazily, as the pipeline has room.
+            progress: show a progress bar (tqdm; the notebook widget inside Jupyter).
+            context: cancelling this context stops the run (it raises ``pipeflow.Cancelled``).
+            timeout: seconds for the whole run; past it the run stops and raises
+                ``pipeflow.DeadlineExceeded`` (a ``TimeoutError``).
+            backend: where the stages run; only the local engine (None or ``"local"``) exists
+                so far.
+
+        Raises:
+            The first exception a stage raised, as the same type, with a note naming the stage
+            and the item's position; every other worker is stopped first.
+
+        Example:
+            >>> import pipeflow as pf
+            >>> pf.Pipeline(kind="thread").stage(abs).run([-1, 2, -3])
+            [1, 2, 3]
+        """
+        return list(self.iter(items, progress=progress, context=context, timeout=timeout,
+                              backend=backend))
+
+    def iter(
+        self,
+        items: Iterable[Any],
+        *,
+        progress: bool = False,
+        context: Context | None = None,
+        timeout: float | None = None,
+        backend: str | None = None,
+    ) -> Iterator[Any]:
+        """Runs the pipeline lazily: results stream out, memory stays bounded.
+
+        Leaving the loop early (``break``, an exception, ``close()``) stops the workers and
+        waits for the items they hold; nothing is left running. Arguments as for :meth:`run`.
+
+        Example:
+            >>> import itertools, pipeflow as pf
+            >>> squares = pf.Pipeline(kind="thread").stage(lambda x: x * x).iter(itertools.count())
+            >>> [next(squares) for _ in range(4)]
+            [0, 1, 4, 9]
+            >>> squares.close()
+        """
+        from ._engine import Run
+
+        _check_bool("progress", progress)
+        if context is not None and not isinstance(context, Context):
+            raise TypeError(f"context must be a pipeflow.Context, got {type(context).__name__}")
+        if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
+            raise ValueError(f"timeout must be seconds > 0 or None, got {timeout!r}")
+        if backend not in _BACKENDS:
+            raise ValueError(
+                f"backend must be None or 'local' (the Dask backend is not available yet), "
+                f"got {backend!r}"
+            )
+        try:
+            source = iter(items)
+        except TypeError:
+            raise TypeError(
+                f"items must be iterable, got {type(items).__name__}: {items!r}"
+            ) from None
+        total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
+        return Run(self._steps, source, total, progress, context, timeout).results()
+
+    def to_mermaid(self) -> str:
+        """The pipeline as a Mermaid flowchart (paste it into Markdown or a notebook).
+
+        Example:
+            >>> import pipeflow as pf
+            >>> print(pf.Pipeline(kind="thread").stage(abs, workers=2).to_mermaid())
+            flowchart LR
+                input([input]) --> s0["abs<br/>map · thread × 2"]
+                s0 --> output([output])
+        """
+        lines = ["flowchart LR"]
+        prev = "input([input])"
+        for i, s in enumerate(self._steps):
+            label = f"{s.name}<br/>{s.op} · {s.kind} × {s.workers}"
+            if s.op == "batch":
+                label = f"{s.name}<br/>batch of {s.size}"
+            label = label.replace('"', "#quot;")
+            lines.append(f'    {prev} --> s{i}["{label}"]')
+            prev = f"s{i}"
+        lines.append(f"    {prev} --> output([output])")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{s.op}({s.name}, {s.kind} x {s.workers})" for s in self._steps)
+        return f"Pipeline([{inner}])"
+
+
+def _check_int(what: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {value}")
+
+
+def _check_bool(what: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{what} must be True or False, got {value!r}")
+
+
+def _check_kind(kind: object) -> None:
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be 'thread' or 'process', got {kind!r}")

@@ -1,0 +1,344 @@
+//! A work-stealing thread pool on crossbeam-deque.
+//!
+//! ```text
+//!   spawn() from outside ──► Injector (global FIFO) ──┐
+//!   spawn() from a task  ──► the worker's own deque   ├─► worker: pop local, else take a batch
+//!                               (LIFO, stealable)      │   from the injector, else steal from a
+//!                                                      ┘   sibling, else sleep (see `sleep`)
+//! ```
+//!
+//! Threads are started on demand, when a job is posted and no worker is idle, up to `max_threads`,
+//! and retire after `keep_alive` without work. That makes the pool safe for long blocking tasks
+//! (a pipeline stage worker that waits on a channel for its whole life): a posted job never waits
+//! for a blocked one unless `max_threads` are all busy. A panicking job is caught and reported on
+//! stderr; its thread goes on.
+
+use std::cell::RefCell;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use crossbeam_deque::{Injector, Steal, Stealer, Worker};
+
+use crate::sleep::{Posted, Sleep, Woken};
+use crate::sync::lock;
+
+/// A unit of work for the pool.
+pub type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// A snapshot of the pool's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Worker threads alive.
+    pub threads: usize,
+    /// Of those, how many wait for work.
+    pub idle: usize,
+    /// Jobs running now.
+    pub running: usize,
+}
+
+struct Shared {
+    injector: Injector<Job>,
+    /// One slot per started thread; `None` once that thread exited.
+    stealers: RwLock<Vec<Option<Stealer<Job>>>>,
+    sleep: Sleep,
+    keep_alive: Duration,
+    /// Jobs running now (statistics only: Relaxed is enough, nothing is published through it).
+    running: AtomicUsize,
+    handles: Mutex<Vec<JoinHandle<()>>>,
+    /// Set in a forked child: the pool must never be touched or dropped there.
+    abandoned: AtomicBool,
+}
+
+thread_local! {
+    /// The pool this thread works for (by address) and its local deque.
+    static LOCAL: RefCell<Option<(usize, Worker<Job>)>> = const { RefCell::new(None) };
+}
+
+/// A work-stealing pool. Dropping it starts shutdown without waiting; [`Pool::shutdown`] waits.
+pub struct Pool {
+    shared: Arc<Shared>,
+}
+
+impl Pool {
+    /// A pool of at most `max_threads` threads that retire after `keep_alive` idle.
+    pub fn new(max_threads: usize, keep_alive: Duration) -> Self {
+        Pool {
+            shared: Arc::new(Shared {
+                injector: Injector::new(),
+                stealers: RwLock::new(Vec::new()),
+                sleep: Sleep::new(max_threads),
+                keep_alive,
+                running: AtomicUsize::new(0),
+                handles: Mutex::new(Vec::new()),
+                abandoned: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Runs `job` on the pool. From a task of this pool it goes to the worker's own deque.
+    /// Returns false (and drops the job) if the pool is shutting down.
+    pub fn spawn(&self, job: Job) -> bool {
+        if self.is_abandoned() || self.shared.sleep.is_shutdown() {
+            return false;
+        }
+        let id = Arc::as_ptr(&self.shared) as usize;
+        let job = LOCAL.with(|l| match &*l.borrow() {
+            Some((pool, local)) if *pool == id => {
+                local.push(job);
+                None
+            }
+            _ => Some(job),
+        });
+        if let Some(job) = job {
+            self.shared.injector.push(job);
+        }
+        if self.shared.sleep.job_posted() == Posted::Spawn {
+            self.start_thread();
+        }
+        true
+    }
+
+    fn start_thread(&self) {
+        let local = Worker::new_lifo();
+        let slot = {
+            let mut st = self.shared.stealers.write().unwrap_or_else(|p| p.into_inner());
+            match st.iter().position(Option::is_none) {
+                Some(free) => {
+                    st[free] = Some(local.stealer());
+                    free
+                }
+                None => {
+                    st.push(Some(local.stealer()));
+                    st.len() - 1
+                }
+            }
+        };
+        let shared = Arc::clone(&self.shared);
+        let started = thread::Builder::new()
+            .name(format!("pipeflow-pool-{slot}"))
+            .spawn(move || worker_main(shared, local, slot));
+        let mut handles = lock(&self.shared.handles);
+        handles.retain(|h| !h.is_finished());
+        match started {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                eprintln!("pipeflow: could not start a pool thread: {e}");
+                self.shared.stealers.write().unwrap_or_else(|p| p.into_inner())[slot] = None;
+                self.shared.sleep.spawn_failed();
+            }
+        }
+    }
+
+    /// Counters: threads alive, idle, jobs running.
+    pub fn stats(&self) -> PoolStats {
+        if self.is_abandoned() {
+            return PoolStats { threads: 0, idle: 0, running: 0 };
+        }
+        let c = self.shared.sleep.counts();
+        PoolStats {
+            threads: c.threads,
+            idle: c.idle,
+            running: self.shared.running.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops accepting jobs, lets the queued ones run, and waits up to `timeout` for every
+    /// thread to exit. Returns true if all exited (and were joined).
+    pub fn shutdown(&self, timeout: Duration) -> bool {
+        if self.is_abandoned() {
+            return true;
+        }
+        self.shared.sleep.shutdown();
+        let all = self.shared.sleep.wait_all_exited(timeout);
+        if all {
+            let handles = std::mem::take(&mut *lock(&self.shared.handles));
+            for h in handles {
+                let _ = h.join();
+            }
+        }
+        all
+    }
+
+    /// Forgets the pool without touching its state. For a child after `fork()`: the threads do
+    /// not exist there and their locks may be held forever, so nothing may be joined or dropped.
+    /// Later calls to `spawn` return false and dropping the pool does nothing.
+    pub fn abandon(&self) {
+        // Relaxed: only the thread that called abandon (the forked child's only thread) reads it.
+        self.shared.abandoned.store(true, Ordering::Relaxed);
+    }
+
+    fn is_abandoned(&self) -> bool {
+        self.shared.abandoned.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        if self.is_abandoned() {
+            // Leak one reference so that `Shared` (its locks, join handles, queued jobs) is
+            // never dropped in the child.
+            std::mem::forget(Arc::clone(&self.shared));
+        } else {
+            self.shared.sleep.shutdown();
+        }
+    }
+}
+
+fn worker_main(shared: Arc<Shared>, local: Worker<Job>, slot: usize) {
+    let id = Arc::as_ptr(&shared) as usize;
+    LOCAL.with(|l| *l.borrow_mut() = Some((id, local)));
+    loop {
+        let epoch = shared.sleep.epoch();
+        if let Some(job) = find_job(&shared, slot) {
+            shared.running.fetch_add(1, Ordering::Relaxed);
+            if catch_unwind(AssertUnwindSafe(job)).is_err() {
+                eprintln!("pipeflow: a pool job panicked; the pool goes on");
+            }
+            shared.running.fetch_sub(1, Ordering::Relaxed);
+            continue;
+        }
+        if shared.sleep.sleep(epoch, shared.keep_alive) == Woken::Exit {
+            break;
+        }
+    }
+    shared.stealers.write().unwrap_or_else(|p| p.into_inner())[slot] = None;
+    LOCAL.with(|l| *l.borrow_mut() = None);
+}
+
+fn find_job(shared: &Shared, slot: usize) -> Option<Job> {
+    let local_job = LOCAL.with(|l| l.borrow().as_ref().and_then(|(_, w)| w.pop()));
+    if local_job.is_some() {
+        return local_job;
+    }
+    loop {
+        let stolen = LOCAL.with(|l| {
+            let l = l.borrow();
+            let (_, local) = l.as_ref()?;
+            Some(shared.injector.steal_batch_and_pop(local))
+        })?;
+        match stolen {
+            Steal::Success(job) => return Some(job),
+            Steal::Retry => continue,
+            Steal::Empty => break,
+        }
+    }
+    let stealers = shared.stealers.read().unwrap_or_else(|p| p.into_inner());
+    let n = stealers.len();
+    loop {
+        let mut retry = false;
+        for k in 1..=n {
+            if let Some(s) = &stealers[(slot + k) % n] {
+                match s.steal() {
+                    Steal::Success(job) => return Some(job),
+                    Steal::Retry => retry = true,
+                    Steal::Empty => {}
+                }
+            }
+        }
+        if !retry {
+            return None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::mpsc;
+
+    #[test]
+    fn runs_every_job_once() {
+        let pool = Pool::new(4, Duration::from_secs(1));
+        let sum = Arc::new(AtomicU64::new(0));
+        let (tx, rx) = mpsc::channel();
+        for i in 1..=1000u64 {
+            let (sum, tx) = (Arc::clone(&sum), tx.clone());
+            assert!(pool.spawn(Box::new(move || {
+                sum.fetch_add(i, Ordering::SeqCst);
+                tx.send(()).unwrap();
+            })));
+        }
+        for _ in 0..1000 {
+            rx.recv().unwrap();
+        }
+        assert_eq!(sum.load(Ordering::SeqCst), 500_500);
+        assert!(pool.stats().threads <= 4);
+        assert!(pool.shutdown(Duration::from_secs(5)));
+        assert_eq!(pool.stats().threads, 0);
+    }
+
+    #[test]
+    fn blocked_tasks_do_not_starve_later_ones() {
+        // Each task waits for the next one to start: needs as many threads as tasks.
+        let pool = Arc::new(Pool::new(64, Duration::from_secs(1)));
+        let n = 16;
+        let chans: Vec<_> = (0..=n).map(|_| mpsc::channel::<()>()).collect();
+        let (txs, rxs): (Vec<_>, Vec<_>) = chans.into_iter().unzip();
+        let mut rxs = rxs.into_iter();
+        let first = rxs.next().unwrap();
+        for (i, rx) in rxs.enumerate() {
+            let tx = txs[i].clone();
+            pool.spawn(Box::new(move || {
+                tx.send(()).unwrap();
+                rx.recv().unwrap();
+            }));
+        }
+        first.recv().unwrap();
+        txs[n].send(()).unwrap();
+        assert!(pool.shutdown(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn nested_spawns_go_local_and_are_stolen() {
+        let pool = Arc::new(Pool::new(4, Duration::from_secs(1)));
+        let (tx, rx) = mpsc::channel();
+        let p2 = Arc::clone(&pool);
+        pool.spawn(Box::new(move || {
+            for i in 0..100 {
+                let tx = tx.clone();
+                p2.spawn(Box::new(move || tx.send(i).unwrap()));
+            }
+        }));
+        let mut got: Vec<i32> = (0..100).map(|_| rx.recv().unwrap()).collect();
+        got.sort();
+        assert_eq!(got, (0..100).collect::<Vec<_>>());
+        assert!(pool.shutdown(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn idle_threads_retire_after_keep_alive() {
+        let pool = Pool::new(4, Duration::from_millis(20));
+        let (tx, rx) = mpsc::channel();
+        pool.spawn(Box::new(move || tx.send(()).unwrap()));
+        rx.recv().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while pool.stats().threads > 0 && std::time::Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(pool.stats().threads, 0);
+        // And the pool starts a thread again when work comes.
+        let (tx, rx) = mpsc::channel();
+        pool.spawn(Box::new(move || tx.send(()).unwrap()));
+        rx.recv().unwrap();
+    }
+
+    #[test]
+    fn a_panicking_job_does_not_kill_the_pool() {
+        let pool = Pool::new(1, Duration::from_secs(1));
+        pool.spawn(Box::new(|| panic!("boom (expected by this test)")));
+        let (tx, rx) = mpsc::channel();
+        pool.spawn(Box::new(move || tx.send(1).unwrap()));
+        assert_eq!(rx.recv().unwrap(), 1);
+    }
+
+    #[test]
+    fn shutdown_refuses_new_jobs() {
+        let pool = Pool::new(2, Duration::from_secs(1));
+        assert!(pool.shutdown(Duration::from_secs(1)));
+        assert!(!pool.spawn(Box::new(|| {})));
+    }
+}

@@ -1,0 +1,19 @@
+//! The extension module `pipeflow._core`: thin pyo3 glue over `pipeflow-core`, one file per
+//! exposed concept. Each binding method has one shape: extract Python values while attached,
+//! detach from the interpreter for anything that may block, convert the result back.
+
+mod blocking;
+mod channel;
+mod errors;
+mod pool;
+
+use pyo3::prelude::*;
+
+/// pipeflow's Rust core: channels and the work-stealing pool.
+#[pymodule(gil_used = false)]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<channel::PyChannel>()?;
+    m.add_function(wrap_pyfunction!(channel::select, m)?)?;
+    m.add_class::<pool::PyPool>()?;
+    Ok(())
+}
