@@ -39,9 +39,9 @@ lint: build
 	$(VENV)/bin/ruff format --check python tests benches
 	$(VENV)/bin/mypy
 
-bench: build
-	$(PY) -m pip install --quiet -e ".[bench]" --no-build-isolation --no-deps 2>/dev/null || true
-	$(PY) -m pip install --quiet joblib loky mpire pypeln pebble faster-fifo
+# Benchmarks: pytest-benchmark suites, then the side-by-side comparison with the peers.
+bench: $(STAMP)
+	$(VENV)/bin/maturin develop --release --quiet --extras dev,bench
 	$(PY) -m pytest benches -q --benchmark-enable -p no:cacheprovider
 	$(PY) -m benches.compare
 
