@@ -503,6 +503,11 @@ def _with_retries(
 
 
 def _progress_bar(total: int | None) -> Any:
+    """A tqdm bar (the notebook widget inside Jupyter) that starts no monitor thread: the
+    engine updates it itself, and a run leaves no thread behind."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="item", dynamic_ncols=True)
+    class Bar(tqdm):  # type: ignore[misc, type-arg]
+        monitor_interval = 0
+
+    return Bar(total=total, unit="item", dynamic_ncols=True)

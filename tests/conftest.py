@@ -1,0 +1,68 @@
+"""Shared fixtures: every test must leave no thread, task or file descriptor behind."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from pipeflow import _pool
+
+KINDS = ["thread"]  # "process" joins when process stages land
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _non_pool_threads() -> int:
+    return _os_threads() - _pool.default_pool().threads
+
+
+def wait_until(predicate: object, timeout: float = 5.0) -> bool:
+    """Polls ``predicate()`` until true or ``timeout``; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ok = bool(predicate())  # type: ignore[operator]
+        if ok or time.monotonic() >= deadline:
+            return ok
+        time.sleep(0.01)
+
+
+def assert_clean(threads_before: int, python_threads_before: int, fds_before: int) -> None:
+    """No pool job running, no thread or fd more than before."""
+    pool = _pool.default_pool()
+    assert wait_until(lambda: pool.running == 0), f"pool jobs still running: {pool!r}"
+    assert wait_until(lambda: _non_pool_threads() <= threads_before), (
+        f"threads leaked: {_non_pool_threads()} now vs {threads_before} before ({pool!r})"
+    )
+    assert wait_until(lambda: threading.active_count() <= python_threads_before), (
+        f"Python threads leaked: {threading.enumerate()}"
+    )
+    assert wait_until(lambda: _fds() <= fds_before), "file descriptors leaked"
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After every test: nothing left running (tests marked ``leaky`` opt out)."""
+    before = (_non_pool_threads(), threading.active_count(), _fds())
+    yield
+    if request.node.get_closest_marker("leaky") is None:
+        assert_clean(*before)
+
+
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    """Every way of running a stage: the behaviour suite runs once per kind."""
+    return str(request.param)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "leaky: the test leaves threads running on purpose")

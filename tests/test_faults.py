@@ -1,0 +1,303 @@
+"""Errors, cancellation, early exit and Ctrl-C: the run stops promptly and leaves nothing behind.
+
+The autouse ``no_leaks`` fixture checks threads, pool jobs and fds after every test here.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import traceback
+
+import pytest
+
+import pipeflow as pf
+
+
+def test_first_error_is_reraised_with_stage_and_position(kind: str) -> None:
+    def boom(x: int) -> int:
+        if x == 7:
+            raise ValueError("seven is not allowed")
+        return x
+
+    p = pf.Pipeline(kind=kind).stage(abs).stage(boom, workers=3, name="check")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="seven is not allowed") as info:
+        p.run(range(100))
+    note = info.value.__notes__[-1]
+    assert "stage 1 ('check'" in note
+    assert "input item 7" in note
+    # The worker's frames are in the traceback.
+    assert "boom" in "".join(traceback.format_exception(info.value))
+
+
+def test_error_stops_other_workers_promptly(kind: str) -> None:
+    processed = []
+
+    def work(x: int) -> int:
+        if x == 5:
+            raise RuntimeError("stop here")
+        time.sleep(0.01)
+        processed.append(x)
+        return x
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError):
+        pf.Pipeline(kind=kind).stage(work, workers=4).run(range(10_000))  # type: ignore[arg-type]
+    assert time.monotonic() - t0 < 5
+    assert len(processed) < 200  # the rest was cancelled, not run
+
+
+def test_error_in_a_later_stage_position_refers_to_the_input(kind: str) -> None:
+    def fail_on_49(x: int) -> int:
+        if x == 49:
+            raise KeyError(x)
+        return x
+
+    p = pf.Pipeline(kind=kind).stage(lambda x: x * x, workers=2).stage(fail_on_49)  # type: ignore[arg-type]
+    with pytest.raises(KeyError) as info:
+        p.run(range(20))
+    assert "input item 7" in info.value.__notes__[-1]
+
+
+def test_error_after_a_batch_names_the_batch(kind: str) -> None:
+    def fail(batch: list[int]) -> int:
+        if 10 in batch:
+            raise ValueError("bad batch")
+        return sum(batch)
+
+    p = pf.Pipeline(kind=kind).batch(4).stage(fail)  # type: ignore[arg-type]
+    with pytest.raises(ValueError) as info:
+        p.run(range(20))
+    assert "batch 2 of step 0 ('batch(4)')" in info.value.__notes__[-1]
+
+
+def test_error_in_flat_map_child_names_the_output(kind: str) -> None:
+    def fail(x: int) -> int:
+        if x == 102:
+            raise ValueError("child")
+        return x
+
+    p = pf.Pipeline(kind=kind).flat_map(lambda x: [x * 100 + i for i in range(3)]).stage(fail)  # type: ignore[arg-type]
+    with pytest.raises(ValueError) as info:
+        p.run(range(3))
+    assert "input item 1 (flat_map output 2 of 3)" in info.value.__notes__[-1]
+
+
+def test_error_from_the_input_iterable(kind: str) -> None:
+    def source():  # type: ignore[no-untyped-def]
+        yield 1
+        yield 2
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone") as info:
+        pf.Pipeline(kind=kind).stage(abs).run(source())  # type: ignore[arg-type]
+    assert "the input iterable (at item 2)" in info.value.__notes__[-1]
+
+
+def test_error_in_init(kind: str) -> None:
+    def init() -> None:
+        raise ImportError("no model file")
+
+    with pytest.raises(ImportError, match="no model file"):
+        pf.Pipeline(kind=kind).stage(abs, init=init).run(range(3))  # type: ignore[arg-type]
+
+
+def test_early_break_stops_and_cleans_up(kind: str) -> None:
+    started = []
+
+    def work(x: int) -> int:
+        started.append(x)
+        time.sleep(0.001)
+        return x
+
+    it = pf.Pipeline(kind=kind).stage(work, workers=4).iter(range(1_000_000))  # type: ignore[arg-type]
+    for x in it:
+        if x == 10:
+            break
+    it.close()  # type: ignore[attr-defined]
+    n = len(started)
+    time.sleep(0.05)
+    assert len(started) == n  # nothing runs after the loop is left
+    assert n < 10_000
+
+
+def test_abandoned_iterator_is_cleaned_up_by_gc(kind: str) -> None:
+    it = pf.Pipeline(kind=kind).stage(abs, workers=2).iter(range(10**9))  # type: ignore[arg-type]
+    assert next(it) == 0
+    del it  # CPython finalizes the generator at once: the run stops
+
+
+def test_exception_in_the_consumer_loop_cleans_up(kind: str) -> None:
+    with pytest.raises(ZeroDivisionError):
+        for x in pf.Pipeline(kind=kind).stage(abs, workers=2).iter(range(10**9)):  # type: ignore[arg-type]
+            if x == 100:
+                1 / 0  # noqa: B018
+
+
+def test_context_cancel_stops_the_run(kind: str) -> None:
+    ctx = pf.Context()
+    threading.Timer(0.1, ctx.cancel, args=("user pressed stop",)).start()
+
+    def slow(x: int) -> int:
+        time.sleep(0.01)
+        return x
+
+    t0 = time.monotonic()
+    with pytest.raises(pf.Cancelled, match="user pressed stop"):
+        pf.Pipeline(kind=kind).stage(slow, workers=2).run(range(100_000), context=ctx)  # type: ignore[arg-type]
+    assert time.monotonic() - t0 < 5
+
+
+def test_run_timeout_raises_deadline_exceeded(kind: str) -> None:
+    def slow(x: int) -> int:
+        time.sleep(0.01)
+        return x
+
+    with pytest.raises(pf.DeadlineExceeded):
+        pf.Pipeline(kind=kind).stage(slow).run(range(100_000), timeout=0.2)  # type: ignore[arg-type]
+
+
+def test_stage_code_can_stop_early_on_cancellation(kind: str) -> None:
+    stopped_early = threading.Event()
+
+    def long_item(x: int) -> int:
+        ctx = pf.current_context()
+        if x == 0:
+            if ctx.wait(timeout=10):
+                stopped_early.set()
+            return x
+        raise ValueError("fail fast")
+
+    with pytest.raises(ValueError, match="fail fast"):
+        pf.Pipeline(kind=kind).stage(long_item, workers=2).run(range(2))  # type: ignore[arg-type]
+    assert stopped_early.is_set()
+
+
+@pytest.mark.leaky  # the timed-out thread finishes its sleep in the background
+def test_item_timeout(kind: str) -> None:
+    def stuck(x: int) -> int:
+        if x == 3:
+            time.sleep(1.0)
+        return x
+
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError) as info:
+        pf.Pipeline(kind=kind).stage(stuck, workers=2, timeout=0.2).run(range(10))  # type: ignore[arg-type]
+    assert time.monotonic() - t0 < 0.9
+    assert "input item 3" in info.value.__notes__[-1]
+    time.sleep(1.0)
+
+
+def _run_child(code: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+CTRL_C_CHILD = """
+    import sys, time, pipeflow as pf
+    def slow(x):
+        time.sleep(0.01)
+        return x
+    print("ready", flush=True)
+    t0 = time.monotonic()
+    try:
+        pf.Pipeline(kind="thread").stage(slow, workers=2).run(range(10**9))
+    except KeyboardInterrupt:
+        print("interrupted", round(time.monotonic() - t0, 3), flush=True)
+        pool = pf._pool.default_pool()
+        end = time.monotonic() + 1.0  # the last job returns to Rust just after the join
+        while pool.running and time.monotonic() < end:
+            time.sleep(0.001)
+        print("pool", pool.running, flush=True)
+        sys.exit(0)
+    sys.exit(3)
+"""
+
+
+def test_ctrl_c_interrupts_a_run_and_cleans_up() -> None:
+    child = _run_child(CTRL_C_CHILD)
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "ready"
+    time.sleep(0.3)
+    sent = time.monotonic()
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=20)
+    elapsed = time.monotonic() - sent
+    assert child.returncode == 0, err
+    assert "interrupted" in out
+    assert "pool 0" in out  # every worker had stopped when the KeyboardInterrupt arrived
+    assert elapsed < 5
+
+
+CTRL_C_CHANNEL_CHILD = """
+    import time, pipeflow as pf
+    ch = pf.Channel(0)
+    print("ready", flush=True)
+    t0 = None
+    try:
+        ch.recv()
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+"""
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        CTRL_C_CHANNEL_CHILD,
+        CTRL_C_CHANNEL_CHILD.replace("ch.recv()", "ch.send(1)"),
+        CTRL_C_CHANNEL_CHILD.replace("ch.recv()", "pf.select([ch, pf.Channel(1)])"),
+        CTRL_C_CHANNEL_CHILD.replace("ch.recv()", "pf.Context().wait()"),
+    ],
+    ids=["recv", "send", "select", "context-wait"],
+)
+def test_ctrl_c_interrupts_blocking_calls_quickly(code: str) -> None:
+    child = _run_child(code)
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "ready"
+    time.sleep(0.2)
+    sent = time.monotonic()
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=10)
+    assert "interrupted" in out, err
+    # The ~100 ms promise, with room for a loaded CI machine (interpreter exit included).
+    assert time.monotonic() - sent < 2.0
+
+
+FORK_CHILD = """
+    import os, pipeflow as pf
+    assert pf.Pipeline(kind="thread").stage(abs, workers=2).run(range(-3, 0)) == [3, 2, 1]
+    pid = os.fork()
+    if pid == 0:
+        # In the child the parent's pool threads do not exist: a fresh pool must serve.
+        ok = pf.Pipeline(kind="thread").stage(abs, workers=2).run(range(-3, 0)) == [3, 2, 1]
+        with pf.Group() as g:
+            t = g.go(lambda: 42)
+        os._exit(0 if ok and t.result() == 42 else 1)
+    _, status = os.waitpid(pid, 0)
+    print("child", os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+def test_pool_survives_fork() -> None:
+    child = _run_child(FORK_CHILD)
+    out, err = child.communicate(timeout=30)
+    assert "child 0" in out, err
+
+
+def test_no_leftover_threads_after_pool_shutdown() -> None:
+    before = len(os.listdir("/proc/self/task"))
+    pf.Pipeline(kind="thread").stage(abs, workers=6).run(range(100))
+    from pipeflow import _pool
+
+    assert _pool.shutdown_default_pool(timeout=5)
+    assert len(os.listdir("/proc/self/task")) <= before

@@ -1,0 +1,244 @@
+"""Pipeline behaviour, run once per way of running a stage (the ``kind`` fixture)."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import pipeflow as pf
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def is_even(x: int) -> bool:
+    return x % 2 == 0
+
+
+def test_stage_keeps_input_order(kind: str) -> None:
+    p = pf.Pipeline(kind=kind).stage(inc, workers=4)  # type: ignore[arg-type]
+    assert p.run(range(1000)) == [x + 1 for x in range(1000)]
+
+
+def test_multi_stage_with_filter_flat_map_and_batch(kind: str) -> None:
+    p = (
+        pf.Pipeline(kind=kind)  # type: ignore[arg-type]
+        .stage(square, workers=3)
+        .filter(is_even, workers=2)
+        .flat_map(lambda x: [x, -x] if x else [], workers=2)
+        .batch(4)
+        .stage(sum, workers=2)
+    )
+    expected_items = [v for x in range(50) if (x * x) % 2 == 0 for v in ([x * x, -x * x] if x else [])]
+    expected = [sum(expected_items[i : i + 4]) for i in range(0, len(expected_items), 4)]
+    assert p.run(range(50)) == expected
+
+
+def test_empty_input(kind: str) -> None:
+    assert pf.Pipeline(kind=kind).stage(inc).batch(3).run([]) == []  # type: ignore[arg-type]
+
+
+def test_pipeline_without_steps_passes_items_through() -> None:
+    assert pf.Pipeline().run(iter(range(5))) == [0, 1, 2, 3, 4]
+
+
+def test_unordered_returns_every_result(kind: str) -> None:
+    def jitter(x: int) -> int:
+        time.sleep(0.001 * (x % 3))
+        return x
+
+    p = pf.Pipeline(kind=kind, ordered=False).stage(jitter, workers=4)  # type: ignore[arg-type]
+    assert sorted(p.run(range(100))) == list(range(100))
+
+
+def test_unordered_yields_in_completion_order(kind: str) -> None:
+    def slow_first(x: int) -> int:
+        if x == 0:
+            time.sleep(0.3)
+        return x
+
+    p = pf.Pipeline(kind=kind, ordered=False).stage(slow_first, workers=2)  # type: ignore[arg-type]
+    out = p.run(range(6))
+    assert sorted(out) == list(range(6))
+    assert out[-1] == 0
+
+
+def test_ordered_batch_groups_consecutive_items(kind: str) -> None:
+    def jitter(x: int) -> int:
+        time.sleep(0.0005 * (x % 4))
+        return x
+
+    p = pf.Pipeline(kind=kind).stage(jitter, workers=4).batch(5)  # type: ignore[arg-type]
+    assert p.run(range(23)) == [list(range(i, min(i + 5, 23))) for i in range(0, 23, 5)]
+
+
+def test_flat_map_nested_keeps_order(kind: str) -> None:
+    p = (
+        pf.Pipeline(kind=kind)  # type: ignore[arg-type]
+        .flat_map(lambda n: range(n), workers=3)
+        .flat_map(lambda m: [m] * (m % 3), workers=3)
+    )
+    expected = [v for n in range(12) for m in range(n) for v in [m] * (m % 3)]
+    assert p.run(range(12)) == expected
+
+
+def test_iter_is_lazy_on_an_endless_input(kind: str) -> None:
+    pulled = itertools.count()
+
+    def source() -> Iterator[int]:
+        for i in itertools.count():
+            next(pulled)
+            yield i
+
+    results = pf.Pipeline(kind=kind).stage(square, workers=2).iter(source())  # type: ignore[arg-type]
+    first = [next(results) for _ in range(10)]
+    assert first == [i * i for i in range(10)]
+    time.sleep(0.1)
+    read_ahead = next(pulled)
+    results.close()  # type: ignore[attr-defined]
+    # Bounded read-ahead: the source was not drained without limit.
+    assert read_ahead < 100_000
+
+
+def test_memory_stays_bounded_behind_a_slow_stage(kind: str) -> None:
+    pulled = itertools.count()
+
+    def source() -> Iterator[int]:
+        for i in itertools.count():
+            next(pulled)
+            yield i
+
+    def slow(x: int) -> int:
+        time.sleep(0.01)
+        return x
+
+    results = pf.Pipeline(kind=kind).stage(slow, workers=2).iter(source())  # type: ignore[arg-type]
+    assert next(results) == 0
+    time.sleep(0.3)
+    read_ahead = next(pulled)
+    results.close()  # type: ignore[attr-defined]
+    assert read_ahead < 5_000  # backpressure reached the input iterator
+
+
+def test_init_runs_once_per_worker(kind: str) -> None:
+    calls = itertools.count()
+
+    def init() -> dict[str, int]:
+        return {"worker": next(calls)}
+
+    def tag(x: int) -> tuple[int, int]:
+        return x, pf.worker_state()["worker"]
+
+    out = pf.Pipeline(kind=kind).stage(tag, workers=3, init=init).run(range(200))  # type: ignore[arg-type]
+    assert [x for x, _ in out] == list(range(200))
+    assert next(calls) == 3
+    assert {w for _, w in out} <= {0, 1, 2}
+
+
+def test_worker_state_outside_a_stage_says_why() -> None:
+    with pytest.raises(LookupError, match="init="):
+        pf.worker_state()
+
+
+def test_stage_code_sees_the_run_context(kind: str) -> None:
+    seen: list[pf.Context] = []
+
+    def grab(x: int) -> int:
+        seen.append(pf.current_context())
+        return x
+
+    with pf.Context() as outer:
+        pf.Pipeline(kind=kind).stage(grab).run(range(3))  # type: ignore[arg-type]
+    assert seen and all(c is seen[0] for c in seen)
+    assert seen[0] is not outer
+    assert seen[0]._parent is outer
+
+
+def test_retries_rerun_a_failing_item(kind: str) -> None:
+    attempts: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def flaky(x: int) -> int:
+        with lock:
+            attempts[x] = attempts.get(x, 0) + 1
+            n = attempts[x]
+        if x % 5 == 0 and n < 3:
+            raise ConnectionError("transient")
+        return x
+
+    p = pf.Pipeline(kind=kind).stage(flaky, workers=2, retries=2)  # type: ignore[arg-type]
+    assert p.run(range(20)) == list(range(20))
+    assert attempts[5] == 3
+
+
+def test_retries_exhausted_raise_with_a_note(kind: str) -> None:
+    def always(x: int) -> int:
+        raise ConnectionError("down")
+
+    p = pf.Pipeline(kind=kind).stage(always, retries=2)  # type: ignore[arg-type]
+    with pytest.raises(ConnectionError) as info:
+        p.run([1])
+    assert any("failed 3 times" in n for n in info.value.__notes__)
+
+
+def test_progress_bar_counts_items(kind: str, capsys: pytest.CaptureFixture[str]) -> None:
+    pf.Pipeline(kind=kind).stage(inc).run(range(50), progress=True)  # type: ignore[arg-type]
+    err = capsys.readouterr().err
+    assert "50/50" in err
+
+
+def test_pipelines_are_immutable_and_reusable(kind: str) -> None:
+    base = pf.Pipeline(kind=kind).stage(inc)  # type: ignore[arg-type]
+    a = base.stage(square)
+    b = base.filter(is_even)
+    assert len(base.steps) == 1
+    assert a.run(range(4)) == [1, 4, 9, 16]
+    assert b.run(range(4)) == [2, 4]
+    assert a.run(range(2)) == [1, 4]
+
+
+def test_to_mermaid() -> None:
+    p = (
+        pf.Pipeline(kind="thread")
+        .stage(inc, workers=8, name="resize")
+        .filter(is_even)
+        .batch(32)
+    )
+    assert p.to_mermaid() == "\n".join(
+        [
+            "flowchart LR",
+            '    input([input]) --> s0["resize<br/>map · thread × 8"]',
+            '    s0 --> s1["is_even<br/>filter · thread × 1"]',
+            '    s1 --> s2["batch(32)<br/>batch of 32"]',
+            "    s2 --> output([output])",
+        ]
+    )
+
+
+def test_many_workers_fan_out_and_in(kind: str) -> None:
+    active = 0
+    peak = 0
+    lock = threading.Lock()
+
+    def track(x: int) -> int:
+        nonlocal active, peak
+        with lock:
+            active += 1
+            peak = max(peak, active)
+        time.sleep(0.005)
+        with lock:
+            active -= 1
+        return x
+
+    out = pf.Pipeline(kind=kind).stage(track, workers=8).run(range(64))  # type: ignore[arg-type]
+    assert out == list(range(64))
+    assert 2 <= peak <= 8  # bounded by workers, and really concurrent

@@ -1,0 +1,84 @@
+"""Bad arguments fail at once, before any worker starts, with a message saying what to do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import pipeflow as pf
+
+P = pf.Pipeline(kind="thread")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"workers": 0}, ValueError, "workers must be >= 1"),
+        ({"workers": -2}, ValueError, "workers must be >= 1"),
+        ({"workers": 1.5}, TypeError, "workers must be an int"),
+        ({"workers": True}, TypeError, "workers must be an int"),
+        ({"kind": "fiber"}, ValueError, "kind must be 'thread' or 'process'"),
+        ({"capacity": -1}, ValueError, "capacity must be >= 0"),
+        ({"ordered": "yes"}, TypeError, "ordered must be True or False"),
+        ({"init": 3}, TypeError, "init must be a callable"),
+        ({"timeout": 0}, ValueError, "timeout must be seconds > 0"),
+        ({"retries": -1}, ValueError, "retries must be >= 0"),
+        ({"name": 5}, TypeError, "name must be a str"),
+    ],
+)
+def test_bad_stage_arguments(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        P.stage(abs, **kwargs)
+
+
+def test_non_callable_stage() -> None:
+    with pytest.raises(TypeError, match="map needs a callable, got int"):
+        P.stage(42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="filter needs a callable"):
+        P.filter("x")  # type: ignore[arg-type]
+
+
+def test_process_stages_say_they_are_not_there_yet() -> None:
+    with pytest.raises(NotImplementedError, match="pass kind='thread'"):
+        pf.Pipeline().stage(abs)
+
+
+def test_bad_batch_size() -> None:
+    with pytest.raises(ValueError, match="size must be >= 1"):
+        P.batch(0)
+
+
+def test_non_iterable_items() -> None:
+    with pytest.raises(TypeError, match="items must be iterable, got int"):
+        P.stage(abs).run(5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"timeout": -1}, ValueError, "timeout must be seconds > 0"),
+        ({"context": "ctx"}, TypeError, "context must be a pipeflow.Context"),
+        ({"backend": "dask"}, ValueError, "backend must be None or 'local'"),
+        ({"progress": "yes"}, TypeError, "progress must be True or False"),
+    ],
+)
+def test_bad_run_arguments(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        P.stage(abs).run([1], **kwargs)
+
+
+def test_bad_pipeline_arguments() -> None:
+    with pytest.raises(ValueError, match="kind must be"):
+        pf.Pipeline(kind="gpu")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="ordered must be True or False"):
+        pf.Pipeline(ordered=1)  # type: ignore[arg-type]
+
+
+def test_validation_starts_nothing() -> None:
+    from pipeflow import _pool
+
+    running = _pool.default_pool().running
+    with pytest.raises(TypeError):
+        P.stage(abs).run(None)  # type: ignore[arg-type]
+    assert _pool.default_pool().running == running
