@@ -38,6 +38,7 @@ lint: build
 	$(VENV)/bin/ruff check python tests benches
 	$(VENV)/bin/ruff format --check python tests benches
 	$(VENV)/bin/mypy
+	$(PY) -m mypy.stubtest pipeflow._core
 
 # Benchmarks: pytest-benchmark suites, then the side-by-side comparison with the peers.
 bench: $(STAMP)

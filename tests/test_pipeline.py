@@ -38,7 +38,9 @@ def test_multi_stage_with_filter_flat_map_and_batch(kind: str) -> None:
         .batch(4)
         .stage(sum, workers=2)
     )
-    expected_items = [v for x in range(50) if (x * x) % 2 == 0 for v in ([x * x, -x * x] if x else [])]
+    expected_items = [
+        v for x in range(50) if (x * x) % 2 == 0 for v in ([x * x, -x * x] if x else [])
+    ]
     expected = [sum(expected_items[i : i + 4]) for i in range(0, len(expected_items), 4)]
     assert p.run(range(50)) == expected
 
@@ -207,17 +209,12 @@ def test_pipelines_are_immutable_and_reusable(kind: str) -> None:
 
 
 def test_to_mermaid() -> None:
-    p = (
-        pf.Pipeline(kind="thread")
-        .stage(inc, workers=8, name="resize")
-        .filter(is_even)
-        .batch(32)
-    )
+    p = pf.Pipeline(kind="thread").stage(inc, workers=8, name="resize").filter(is_even).batch(32)
     assert p.to_mermaid() == "\n".join(
         [
             "flowchart LR",
-            '    input([input]) --> s0["resize<br/>map · thread × 8"]',
-            '    s0 --> s1["is_even<br/>filter · thread × 1"]',
+            '    input([input]) --> s0["resize<br/>map · thread x 8"]',
+            '    s0 --> s1["is_even<br/>filter · thread x 1"]',
             '    s1 --> s2["batch(32)<br/>batch of 32"]',
             "    s2 --> output([output])",
         ]

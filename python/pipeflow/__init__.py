@@ -14,7 +14,6 @@ Example:
     [1, 2, 3, 4, 5]
 """
 
-from __future__ import annotations
 
 from ._context import Context as Context
 from ._context import current_context as current_context
@@ -37,8 +36,8 @@ __all__ = [
     "Context",
     "DeadlineExceeded",
     "Group",
-    "Pipeline",
     "PipeflowError",
+    "Pipeline",
     "Task",
     "WorkerCrashed",
     "current_context",

@@ -7,6 +7,7 @@ import hashlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 
 from .pipeline import Pipeline
 
@@ -26,7 +27,7 @@ def demo(n_items: int, workers: int) -> int:
     """Hashes ``n_items`` 1 MiB buffers through a two-stage thread pipeline, vs serially."""
     blocks = [os.urandom(BUFFER) for _ in range(8)]
 
-    def items():  # type: ignore[no-untyped-def]
+    def items() -> Iterator[bytes]:
         for i in range(n_items):
             yield blocks[i % len(blocks)] + i.to_bytes(8, "little")
 

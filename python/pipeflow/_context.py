@@ -40,6 +40,9 @@ class Context:
         (True, 'shutting down')
     """
 
+    _deadline: float | None
+    _parent: Context | None
+
     def __init__(self, timeout: float | None = None, parent: Context | None = None) -> None:
         if timeout is not None and not (timeout >= 0):
             raise ValueError(f"timeout must be seconds >= 0 or None, got {timeout!r}")

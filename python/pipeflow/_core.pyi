@@ -3,6 +3,8 @@
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, final
 
+__all__ = ["Channel", "Pool", "select"]
+
 @final
 class Channel:
     """A bounded multi-producer multi-consumer channel with Go's rules.
@@ -21,7 +23,7 @@ class Channel:
         ['a', 'b']
     """
 
-    def __init__(self, capacity: int = 0) -> None: ...
+    def __new__(cls, capacity: int = 0) -> Channel: ...
     @property
     def capacity(self) -> int:
         """The buffer size given at creation."""
@@ -65,7 +67,7 @@ class Pool:
     """The work-stealing pool. Threads start on demand up to ``max_threads`` and retire after
     ``keep_alive`` idle seconds."""
 
-    def __init__(self, max_threads: int = 1024, keep_alive: float = 10.0) -> None: ...
+    def __new__(cls, max_threads: int = 1024, keep_alive: float = 10.0) -> Pool: ...
     def submit(self, func: Callable[[], object]) -> None:
         """Runs ``func()`` on a pool thread; its exceptions go to ``sys.unraisablehook``."""
     def shutdown(self, timeout: float | None = None) -> bool:

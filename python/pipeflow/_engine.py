@@ -3,7 +3,7 @@
 ::
 
                  ch[0]            ch[1]                 ch[2]          ch[3]
-    items ─► feeder ─► [step 0 workers × N] ─► [batch step] ─► [step 2 workers] ─► caller
+    items ─► feeder ─► [step 0 workers x N] ─► [batch step] ─► [step 2 workers] ─► caller
               │  ▲       (fan-out, fan-in)      reorders,          (fan-out)       reorders,
               │  └──────────── window 0 ──────── groups ◄─ window 1 ──────────────── yields
               └ reads the input lazily
@@ -338,7 +338,9 @@ class Run:
                         out.append((seq, group))
                         seq, group = seq + 1, []
                 released.clear()
-                if out and not (window_out.acquire(len(out)) and self._send_chunks(st.index + 1, out)):
+                if out and not (
+                    window_out.acquire(len(out)) and self._send_chunks(st.index + 1, out)
+                ):
                     break
             else:
                 if group and window_out.acquire(1):
@@ -507,7 +509,7 @@ def _progress_bar(total: int | None) -> Any:
     engine updates it itself, and a run leaves no thread behind."""
     from tqdm.auto import tqdm
 
-    class Bar(tqdm):  # type: ignore[misc, type-arg]
+    class Bar(tqdm):  # type: ignore[misc]
         monitor_interval = 0
 
     return Bar(total=total, unit="item", dynamic_ncols=True)

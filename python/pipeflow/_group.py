@@ -14,6 +14,7 @@ After Go's ``golang.org/x/sync/errgroup``. What the caller sees, by design:
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import threading
 from collections.abc import Callable
@@ -208,10 +209,9 @@ class Group:
             self._ctx.cancel(f"the with block raised {type(exc).__name__}: {exc}")
             if isinstance(exc, KeyboardInterrupt):
                 return  # Ctrl-C must not wait for tasks that ignore the context
-            try:
+            # The block's own exception propagates; task errors stay in .errors.
+            with contextlib.suppress(BaseException):
                 self.wait()
-            except BaseException:
-                pass  # the block's own exception propagates; task errors stay in .errors
             return
         self.wait()
 
@@ -219,4 +219,3 @@ class Group:
 def _check_callable(fn: object) -> None:
     if not callable(fn):
         raise TypeError(f"Group.go needs a callable, got {type(fn).__name__}: {fn!r}")
-

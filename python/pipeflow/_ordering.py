@@ -159,8 +159,7 @@ class Window:
         """Waits until ``n`` more items fit; False if the run stopped meanwhile."""
         with self._cond:
             while (
-                self._issued > self._completed
-                and self._issued + n - self._completed > self.limit()
+                self._issued > self._completed and self._issued + n - self._completed > self.limit()
             ):
                 if self._stopped():
                     return False

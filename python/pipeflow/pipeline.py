@@ -112,7 +112,7 @@ class Pipeline:
             Step(
                 op=op,
                 fn=fn,
-                name=name or getattr(fn, "__name__", type(fn).__name__),
+                name=name or str(getattr(fn, "__name__", type(fn).__name__)),
                 workers=workers,
                 kind=kind,
                 capacity=2 * workers if capacity is None else capacity,
@@ -156,9 +156,7 @@ class Pipeline:
             >>> pf.Pipeline(kind="thread").stage(str.upper, workers=2).run(["a", "b"])
             ['A', 'B']
         """
-        return self._step(
-            "map", fn, workers, kind, name, capacity, ordered, init, timeout, retries
-        )
+        return self._step("map", fn, workers, kind, name, capacity, ordered, init, timeout, retries)
 
     def filter(
         self,
@@ -261,8 +259,9 @@ class Pipeline:
             >>> pf.Pipeline(kind="thread").stage(abs).run([-1, 2, -3])
             [1, 2, 3]
         """
-        return list(self.iter(items, progress=progress, context=context, timeout=timeout,
-                              backend=backend))
+        return list(
+            self.iter(items, progress=progress, context=context, timeout=timeout, backend=backend)
+        )
 
     def iter(
         self,
@@ -313,13 +312,13 @@ class Pipeline:
             >>> import pipeflow as pf
             >>> print(pf.Pipeline(kind="thread").stage(abs, workers=2).to_mermaid())
             flowchart LR
-                input([input]) --> s0["abs<br/>map · thread × 2"]
+                input([input]) --> s0["abs<br/>map · thread x 2"]
                 s0 --> output([output])
         """
         lines = ["flowchart LR"]
         prev = "input([input])"
         for i, s in enumerate(self._steps):
-            label = f"{s.name}<br/>{s.op} · {s.kind} × {s.workers}"
+            label = f"{s.name}<br/>{s.op} · {s.kind} x {s.workers}"
             if s.op == "batch":
                 label = f"{s.name}<br/>batch of {s.size}"
             label = label.replace('"', "#quot;")
