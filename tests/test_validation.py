@@ -82,3 +82,11 @@ def test_validation_starts_nothing() -> None:
     with pytest.raises(TypeError):
         P.stage(abs).run(None)  # type: ignore[arg-type]
     assert _pool.default_pool().running == running
+
+
+def test_more_thread_workers_than_the_pool_can_hold() -> None:
+    from pipeflow import _pool
+
+    p = P.stage(abs, workers=_pool.MAX_THREADS)
+    with pytest.raises(ValueError, match="use fewer workers"):
+        p.run([1])

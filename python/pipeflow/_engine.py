@@ -35,6 +35,7 @@ from ._context import Context, _current, current_context
 from ._core import Channel
 from ._errors import ChannelClosed
 from ._ordering import SKIP, Key, Reorderer, Window, child_key
+from . import _pool
 from ._pool import default_pool
 from .pipeline import Step
 
@@ -111,6 +112,12 @@ class Run:
         context: Context | None,
         timeout: float | None,
     ) -> None:
+        tasks = 1 + sum(step.workers for step in steps)
+        if tasks > _pool.MAX_THREADS:
+            raise ValueError(
+                f"this pipeline needs {tasks} threads at once (its thread workers, plus one), "
+                f"more than the pool's {_pool.MAX_THREADS}; use fewer workers"
+            )
         self.source = source
         self.total = total
         self.progress = progress
