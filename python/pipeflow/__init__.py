@@ -14,7 +14,6 @@ Example:
     [1, 2, 3, 4, 5]
 """
 
-
 from ._context import Context as Context
 from ._context import current_context as current_context
 from ._core import Channel as Channel

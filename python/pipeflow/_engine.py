@@ -26,16 +26,17 @@ from __future__ import annotations
 
 import contextvars
 import itertools
+import operator
 import threading
 from collections.abc import Callable, Iterator
 from time import perf_counter
 from typing import Any
 
+from . import _pool
 from ._context import Context, _current, current_context
 from ._core import Channel
 from ._errors import ChannelClosed
 from ._ordering import SKIP, Key, Reorderer, Window, child_key
-from . import _pool
 from ._pool import default_pool
 from .pipeline import Step
 
@@ -83,6 +84,7 @@ class _StepState:
         # Per worker: [key of the item in hand or None, when it started].
         self.slots: list[list[Any]] = [[None, 0.0] for _ in range(step.workers)]
         self.task_ids: list[int] = []
+        self.may_skip = False  # can a batch for this step hold SKIP records?
 
     def chunk(self) -> int:
         """How many records a batch for this step should hold."""
@@ -124,8 +126,12 @@ class Run:
         self.ctx = Context(timeout=timeout, parent=context or current_context())
         self.states: list[_StepState] = []
         segment = 0
+        skips = False  # a filter or flat_map earlier in the segment leaves SKIP records
         for i, step in enumerate(steps):
-            self.states.append(_StepState(step, i, segment))
+            st = _StepState(step, i, segment)
+            st.may_skip = skips
+            self.states.append(st)
+            skips = step.op != "batch" and (skips or step.op in ("filter", "flat_map"))
             if step.op == "batch":
                 segment += 1
         # channels[i] feeds step i; the last one feeds the caller.
@@ -261,30 +267,30 @@ class Run:
     # ----------------------------------------------------------------- tasks
 
     def _feed(self) -> None:
-        """Reads the input lazily, numbering items, in batches sized for step 0."""
+        """Reads the input lazily, numbering items, in batches sized for step 0.
+
+        A batch is pulled at C speed (``enumerate`` + ``islice``). Its size is what step 0
+        wants, capped so that a slow input iterator still sends within ``SOURCE_HOLD``.
+        """
         window = self.windows[0]
         first = self.states[0] if self.states else None
-        seq = 0
+        numbered = enumerate(self.source)
+        cap = 1  # how many items the input yields within SOURCE_HOLD (grows as it proves fast)
+        pulled = 0
         try:
-            chunk = first.chunk() if first else MAX_CHUNK
-            batch: list[Any] = []
-            started = 0.0
-            for item in self.source:
+            while not self._stopped:
+                want = min(first.chunk() if first else MAX_CHUNK, cap)
+                t0 = perf_counter()
+                batch = list(itertools.islice(numbered, want))
                 if not batch:
-                    started = perf_counter()
-                batch.append((seq, item))
-                seq += 1
-                if len(batch) >= chunk or perf_counter() - started >= SOURCE_HOLD:
-                    if self._stopped or not window.acquire(len(batch)):
-                        return
-                    if not self._send_chunks(0, batch):
-                        return
-                    batch = []
-                    chunk = first.chunk() if first else MAX_CHUNK
-            if batch and window.acquire(len(batch)):
-                self._send_chunks(0, batch)
+                    return
+                pulled += len(batch)
+                elapsed = perf_counter() - t0
+                cap = min(MAX_CHUNK, 2 * cap) if elapsed < SOURCE_HOLD / 2 else max(1, cap // 2)
+                if not window.acquire(len(batch)) or not self._send_chunks(0, batch):
+                    return
         except BaseException as e:
-            self._fail(e, f"the input iterable (at item {seq})")
+            self._fail(e, f"the input iterable (at item {pulled})")
         finally:
             self.channels[0].close()
 
@@ -297,6 +303,8 @@ class Run:
             if step.init is not None:
                 _worker_state.set(step.init())
             apply = _APPLY[step.op]
+            if step.op == "map" and step.timeout is None and not st.may_skip:
+                apply = _apply_map_fast
             fn = _with_retries(step.fn, step.retries, self.ctx) if step.retries else step.fn
             timed = step.timeout is not None
             assert fn is not None
@@ -335,8 +343,7 @@ class Run:
             for batch in self.channels[st.index]:
                 if self._stopped:
                     break
-                for key, value in batch:
-                    reorder.push(key, value, released)
+                reorder.push_batch(batch, released)
                 window_in.completed_to(reorder.completed)
                 out = []
                 for value in released:
@@ -385,8 +392,7 @@ class Run:
                     continue
                 if self._stopped:
                     break
-                for key, value in batch:
-                    reorder.push(key, value, released)
+                reorder.push_batch(batch, released)
                 window.completed_to(reorder.completed)
                 if bar is not None:
                     bar.update(self.windows[0]._completed - bar.n)
@@ -444,6 +450,20 @@ def _apply_map(
         out.append((key, fn(value)))
         n += 1
     return out, n
+
+
+def _apply_map_fast(
+    fn: Callable[[Any], Any], batch: list[Any], slot: list[Any], timed: bool
+) -> tuple[list[Any], int]:
+    """``_apply_map`` for a batch with no SKIP record and no per-item timeout to watch: a list
+    comprehension; on an exception the list iterator's position names the failing item."""
+    records = iter(batch)
+    try:
+        out = [(key, fn(value)) for key, value in records]
+    except BaseException:
+        slot[0] = batch[len(batch) - operator.length_hint(records) - 1][0]
+        raise
+    return out, len(batch)
 
 
 def _apply_filter(

@@ -1,0 +1,81 @@
+"""The reorder buffer and the map fast path, tested directly on hand-made batches."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pipeflow._engine import _apply_map_fast
+from pipeflow._ordering import SKIP, Reorderer, child_key
+
+
+def run(ordered: bool, batches: list[list[tuple[object, object]]]) -> tuple[list[object], int]:
+    r = Reorderer(ordered)
+    out: list[object] = []
+    for b in batches:
+        r.push_batch(b, out)
+    return out, r.completed
+
+
+def test_runs_arriving_out_of_order_are_released_in_order() -> None:
+    batches = [[(k, k) for k in range(a, a + 5)] for a in range(0, 50, 5)]
+    random.Random(1).shuffle(batches)
+    out, completed = run(True, batches)
+    assert out == list(range(50))
+    assert completed == 50
+
+
+def test_skips_and_splits_mixed_with_runs() -> None:
+    batches = [
+        [(3, "d"), (4, SKIP)],
+        [(child_key(2, 1, 2), "c1")],
+        [(0, "a"), (1, SKIP)],
+        [(child_key(2, 0, 2), "c0")],
+        [(5, "f"), (6, "g")],
+    ]
+    out, completed = run(True, batches)
+    assert out == ["a", "c0", "c1", "d", "f", "g"]
+    assert completed == 7
+
+
+def test_nested_splits() -> None:
+    k = child_key(0, 1, 2)
+    batches = [
+        [(child_key(k, 1, 2), "b2")],
+        [(child_key(0, 0, 2), "a")],
+        [(child_key(k, 0, 2), "b1")],
+        [(1, "z")],
+    ]
+    assert run(True, batches) == (["a", "b1", "b2", "z"], 2)
+
+
+def test_unordered_releases_at_once_and_counts_completed_splits() -> None:
+    batches = [
+        [(child_key(0, 1, 3), "x1")],
+        [(1, "y"), (2, SKIP)],
+        [(child_key(0, 0, 3), "x0"), (child_key(0, 2, 3), SKIP)],
+    ]
+    r = Reorderer(False)
+    out: list[object] = []
+    r.push_batch(batches[0], out)
+    assert (out, r.completed) == (["x1"], 0)
+    r.push_batch(batches[1], out)
+    assert (out, r.completed) == (["x1", "y"], 2)
+    r.push_batch(batches[2], out)
+    assert (out, r.completed) == (["x1", "y", "x0"], 3)
+    assert r.buffered == 0
+
+
+def test_map_fast_path_names_the_failing_item() -> None:
+    def fail_on_6(x: int) -> int:
+        if x == 6:
+            raise ValueError(x)
+        return x
+
+    slot: list[object] = [None, 0.0]
+    batch = [(100 + i, i) for i in range(10)]
+    with pytest.raises(ValueError):
+        _apply_map_fast(fail_on_6, batch, slot, False)
+    assert slot[0] == 106
+    assert _apply_map_fast(abs, batch[:3], slot, False) == ([(100, 0), (101, 1), (102, 2)], 3)
