@@ -242,13 +242,17 @@ pub fn select_recv<T>(
     loop {
         let mut any_open = false;
         let mut any_in_flight = false;
+        // Per channel: was it open when we looked? Its close signal is watched below.
+        let mut was_open = Vec::with_capacity(channels.len());
         for (i, ch) in channels.iter().enumerate() {
             match ch.try_recv() {
                 Ok(v) => return Ok((i, v)),
-                Err(TryRecvError::Closed) => {}
+                Err(TryRecvError::Closed) => was_open.push(false),
                 Err(TryRecvError::Empty) => {
+                    let closed = ch.is_closed();
                     any_open = true;
-                    any_in_flight |= ch.is_closed();
+                    any_in_flight |= closed;
+                    was_open.push(!closed);
                 }
             }
         }
@@ -265,7 +269,10 @@ pub fn select_recv<T>(
         for (i, ch) in channels.iter().enumerate() {
             sel.recv(&ch.rx);
             ops.push((i, true));
-            if !ch.is_closed() {
+            // Decided by what the look above saw, not by a second `is_closed()`: a channel that
+            // closes in between must still be watched (its signal then fires at once), or a
+            // select with no deadline would wait forever on a buffer nobody will fill.
+            if was_open[i] {
                 sel.recv(&ch.closed_rx);
                 ops.push((i, false));
             }
@@ -311,7 +318,10 @@ mod tests {
         }
         assert_eq!(ch.len(), 3);
         assert_eq!(ch.try_send(9), Err(TrySendError::Full(9)));
-        assert_eq!((0..3).map(|_| ch.recv(None).unwrap()).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(
+            (0..3).map(|_| ch.recv(None).unwrap()).collect::<Vec<_>>(),
+            [0, 1, 2]
+        );
         assert_eq!(ch.try_recv(), Err(TryRecvError::Empty));
     }
 

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use crossbeam_deque::{Injector, Steal, Stealer, Worker};
 
+use crate::gate::Gate;
 use crate::sleep::{Posted, Sleep, Woken};
 use crate::sync::lock;
 
@@ -44,6 +45,10 @@ struct Shared {
     /// One slot per started thread; `None` once that thread exited.
     stealers: RwLock<Vec<Option<Stealer<Job>>>>,
     sleep: Sleep,
+    /// Spawns in flight, and closed by `shutdown` (the channel's close gate, reused): a spawn
+    /// that got past it finishes posting its job before shutdown lets the workers go, so a job
+    /// `spawn` accepted always runs.
+    spawning: Gate,
     keep_alive: Duration,
     /// Jobs running now (statistics only: Relaxed is enough, nothing is published through it).
     running: AtomicUsize,
@@ -70,6 +75,7 @@ impl Pool {
                 injector: Injector::new(),
                 stealers: RwLock::new(Vec::new()),
                 sleep: Sleep::new(max_threads),
+                spawning: Gate::new(),
                 keep_alive,
                 running: AtomicUsize::new(0),
                 handles: Mutex::new(Vec::new()),
@@ -81,9 +87,10 @@ impl Pool {
     /// Runs `job` on the pool. From a task of this pool it goes to the worker's own deque.
     /// Returns false (and drops the job) if the pool is shutting down.
     pub fn spawn(&self, job: Job) -> bool {
-        if self.is_abandoned() || self.shared.sleep.is_shutdown() {
+        if self.is_abandoned() || !self.shared.spawning.begin_send() {
             return false;
         }
+        let _in_flight = InFlight(&self.shared.spawning);
         let id = Arc::as_ptr(&self.shared) as usize;
         let job = LOCAL.with(|l| match &*l.borrow() {
             Some((pool, local)) if *pool == id => {
@@ -104,7 +111,11 @@ impl Pool {
     fn start_thread(&self) {
         let local = Worker::new_lifo();
         let slot = {
-            let mut st = self.shared.stealers.write().unwrap_or_else(|p| p.into_inner());
+            let mut st = self
+                .shared
+                .stealers
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
             match st.iter().position(Option::is_none) {
                 Some(free) => {
                     st[free] = Some(local.stealer());
@@ -126,7 +137,10 @@ impl Pool {
             Ok(h) => handles.push(h),
             Err(e) => {
                 eprintln!("pipeflow: could not start a pool thread: {e}");
-                self.shared.stealers.write().unwrap_or_else(|p| p.into_inner())[slot] = None;
+                self.shared
+                    .stealers
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())[slot] = None;
                 self.shared.sleep.spawn_failed();
             }
         }
@@ -135,7 +149,11 @@ impl Pool {
     /// Counters: threads alive, idle, jobs running.
     pub fn stats(&self) -> PoolStats {
         if self.is_abandoned() {
-            return PoolStats { threads: 0, idle: 0, running: 0 };
+            return PoolStats {
+                threads: 0,
+                idle: 0,
+                running: 0,
+            };
         }
         let c = self.shared.sleep.counts();
         PoolStats {
@@ -150,6 +168,13 @@ impl Pool {
     pub fn shutdown(&self, timeout: Duration) -> bool {
         if self.is_abandoned() {
             return true;
+        }
+        // Refuse new spawns, then wait out those already past the gate (a push and a short
+        // critical section each): without this, a spawn that checked before the shutdown could
+        // post its job after the last worker left, and the accepted job would never run.
+        self.shared.spawning.close();
+        while !self.shared.spawning.is_final() {
+            thread::yield_now();
         }
         self.shared.sleep.shutdown();
         let all = self.shared.sleep.wait_all_exited(timeout);
@@ -184,6 +209,15 @@ impl Drop for Pool {
         } else {
             self.shared.sleep.shutdown();
         }
+    }
+}
+
+/// Ends a spawn's registration with the gate, also if the spawn unwinds.
+struct InFlight<'a>(&'a Gate);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.end_send();
     }
 }
 

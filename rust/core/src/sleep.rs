@@ -23,7 +23,7 @@
 
 use std::time::Duration;
 
-use crate::sync::{lock, AtomicU64, Condvar, Mutex, Ordering};
+use crate::sync::{lock, wait_timeout, AtomicU64, Condvar, Mutex, Ordering};
 
 #[derive(Debug, Default)]
 struct State {
@@ -130,13 +130,8 @@ impl Sleep {
         }
         st.idle += 1;
         loop {
-            let (g, timeout) = match self.work.wait_timeout(st, keep_alive) {
-                Ok((g, t)) => (g, t.timed_out()),
-                Err(p) => {
-                    let (g, t) = p.into_inner();
-                    (g, t.timed_out())
-                }
-            };
+            // Through the shim: under loom a zero keep-alive times out at once (see `sync`).
+            let (g, timeout) = wait_timeout(&self.work, &self.state, st, keep_alive);
             st = g;
             if st.wakeups > 0 {
                 st.wakeups -= 1;
@@ -174,10 +169,7 @@ impl Sleep {
         let mut left = timeout;
         while st.threads > 0 {
             let started = std::time::Instant::now();
-            st = match self.exited.wait_timeout(st, left) {
-                Ok((g, _)) => g,
-                Err(p) => p.into_inner().0,
-            };
+            st = wait_timeout(&self.exited, &self.state, st, left).0;
             let spent = started.elapsed();
             if spent >= left {
                 return st.threads == 0;
