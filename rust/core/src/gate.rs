@@ -49,6 +49,11 @@ impl Gate {
 
     /// Registers a sender. Returns false (and registers nothing) if the gate is closed.
     pub fn begin_send(&self) -> bool {
+        // A plain look first, so that senders retrying on a closed gate never touch the count
+        // (a waiter for `is_final` could otherwise be kept waiting by their brief increments).
+        if self.word.load(Ordering::Acquire) & CLOSED != 0 {
+            return false;
+        }
         // AcqRel: the Acquire half orders this sender after a close it fails against (nothing to
         // publish then); the Release half is not needed for correctness but costs nothing on RMWs.
         let prev = self.word.fetch_add(ONE_SENDER, Ordering::AcqRel);

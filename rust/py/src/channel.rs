@@ -114,7 +114,11 @@ impl PyChannel {
             "Channel(capacity={}, len={}, closed={})",
             self.inner.capacity(),
             self.inner.len(),
-            if self.inner.is_closed() { "True" } else { "False" }
+            if self.inner.is_closed() {
+                "True"
+            } else {
+                "False"
+            }
         )
     }
 }
@@ -163,10 +167,12 @@ pub fn select(
     if let Ok(hit) = select_recv(&refs, Some(std::time::Instant::now())) {
         return Ok(hit);
     }
-    let got = wait(py, until, (), |(), until| match select_recv(&refs, Some(until)) {
-        Ok(hit) => Slice::Done(Ok(hit)),
-        Err(SelectError::AllClosed) => Slice::Done(Err(())),
-        Err(SelectError::Timeout) => Slice::Again(()),
+    let got = wait(py, until, (), |(), until| {
+        match select_recv(&refs, Some(until)) {
+            Ok(hit) => Slice::Done(Ok(hit)),
+            Err(SelectError::AllClosed) => Slice::Done(Err(())),
+            Err(SelectError::Timeout) => Slice::Again(()),
+        }
     })?;
     match got {
         Ok(Ok(hit)) => Ok(hit),
