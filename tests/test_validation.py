@@ -90,3 +90,8 @@ def test_more_thread_workers_than_the_pool_can_hold() -> None:
     p = P.stage(abs, workers=_pool.MAX_THREADS)
     with pytest.raises(ValueError, match="use fewer workers"):
         p.run([1])
+
+
+def test_misspelt_option_is_named() -> None:
+    with pytest.raises(TypeError, match=r"unexpected option\(s\) worker; valid: workers"):
+        P.stage(abs, worker=4)  # type: ignore[call-arg]

@@ -27,6 +27,7 @@ from ._errors import WorkerCrashed as WorkerCrashed
 from ._group import Group as Group
 from ._group import Task as Task
 from .pipeline import Pipeline as Pipeline
+from .pipeline import StageOptions as StageOptions
 
 __all__ = [
     "Cancelled",
@@ -37,6 +38,7 @@ __all__ = [
     "Group",
     "PipeflowError",
     "Pipeline",
+    "StageOptions",
     "Task",
     "WorkerCrashed",
     "current_context",

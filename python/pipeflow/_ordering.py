@@ -128,18 +128,26 @@ class Reorderer:
             self.completed += 1
 
     def _insert(self, key: tuple[int, ...], value: Any) -> None:
-        parent: dict[int, Any] = self._top
-        index = key[0]
-        for j in range(1, len(key), 2):
-            node = parent.get(index)
-            if node is None:
-                node = parent[index] = _Split(key[j + 1])
-            parent, index = node.children, key[j]
+        parent, index, _ = self._walk(key)
         parent[index] = value
 
     def _insert_unordered(self, key: tuple[int, ...], value: Any, out: list[Any]) -> None:
         if value is not SKIP:
             out.append(value)
+        _, _, path = self._walk(key)
+        # The leaf is complete: count it in its parent, and every parent it completes in turn.
+        for parent, index, node in reversed(path):
+            node.done += 1
+            if node.done < node.n:
+                return
+            del parent[index]
+        self.completed += 1
+
+    def _walk(
+        self, key: tuple[int, ...]
+    ) -> tuple[dict[int, Any], int, list[tuple[dict[int, Any], int, _Split]]]:
+        """Finds (making split nodes as needed) the dict and index where ``key``'s leaf goes,
+        and the path of ``(dict, index, node)`` split nodes above it."""
         path: list[tuple[dict[int, Any], int, _Split]] = []
         parent: dict[int, Any] = self._top
         index = key[0]
@@ -149,13 +157,7 @@ class Reorderer:
                 node = parent[index] = _Split(key[j + 1])
             path.append((parent, index, node))
             parent, index = node.children, key[j]
-        # The leaf is complete: count it in its parent, and every parent it completes in turn.
-        for parent, index, node in reversed(path):
-            node.done += 1
-            if node.done < node.n:
-                return
-            del parent[index]
-        self.completed += 1
+        return parent, index, path
 
 
 def _drain(node: _Split, out: list[Any]) -> bool:

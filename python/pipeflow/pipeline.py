@@ -9,16 +9,42 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 from ._context import Context
 
-__all__ = ["Pipeline", "Step"]
+__all__ = ["Pipeline", "StageOptions", "Step"]
 
 Kind = Literal["process", "thread"]
 Op = Literal["map", "filter", "flat_map", "batch"]
 _KINDS = ("process", "thread")
 _BACKENDS = (None, "local")
+
+
+class StageOptions(TypedDict, total=False):
+    """The options of a stage, all keyword (``stage``, ``filter`` and ``flat_map`` take them).
+
+    Attributes:
+        workers: how many workers run the function at once (fan-out; their outputs fan in).
+            Default 1.
+        kind: ``"thread"`` or ``"process"``; default: the pipeline's.
+        name: used in errors, progress and ``to_mermaid()``; default: the function's name.
+        capacity: the bound of the queue feeding the stage, in batches; default ``2 * workers``.
+        ordered: False lets items leave the stage in completion order; default: the pipeline's.
+        init: called once per worker before its first item; its return value is what
+            :func:`pipeflow.worker_state` returns inside the function.
+        timeout: seconds one item may take; past it the run fails with ``TimeoutError``.
+        retries: how many more times to try an item whose function raised. Default 0.
+    """
+
+    workers: int
+    kind: Kind | None
+    name: str | None
+    capacity: int | None
+    ordered: bool | None
+    init: Callable[[], Any] | None
+    timeout: float | None
+    retries: int
 
 
 @dataclass(frozen=True)
@@ -74,33 +100,33 @@ class Pipeline:
         p._steps = (*self._steps, step)
         return p
 
-    def _step(
-        self,
-        op: Op,
-        fn: Callable[..., Any],
-        workers: int,
-        kind: Kind | None,
-        name: str | None,
-        capacity: int | None,
-        ordered: bool | None,
-        init: Callable[[], Any] | None,
-        timeout: float | None,
-        retries: int,
-    ) -> Pipeline:
+    def _step(self, op: Op, fn: Callable[..., Any], options: StageOptions) -> Pipeline:
+        """Checks ``fn`` and the options of one step, and returns the pipeline with it added."""
         if not callable(fn):
             raise TypeError(f"{op} needs a callable, got {type(fn).__name__}: {fn!r}")
+        unknown = sorted(set(options) - set(StageOptions.__annotations__))
+        if unknown:
+            valid = ", ".join(StageOptions.__annotations__)
+            raise TypeError(f"{op}() got unexpected option(s) {', '.join(unknown)}; valid: {valid}")
+        workers = options.get("workers", 1)
         _check_int("workers", workers, minimum=1)
-        kind = self._kind if kind is None else kind
+        kind = options.get("kind") or self._kind
         _check_kind(kind)
+        capacity = options.get("capacity")
         if capacity is not None:
             _check_int("capacity", capacity, minimum=0)
+        ordered = options.get("ordered")
         if ordered is not None:
             _check_bool("ordered", ordered)
+        init = options.get("init")
         if init is not None and not callable(init):
             raise TypeError(f"init must be a callable taking no arguments, got {init!r}")
+        timeout = options.get("timeout")
         if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
             raise ValueError(f"timeout must be seconds > 0 or None, got {timeout!r}")
+        retries = options.get("retries", 0)
         _check_int("retries", retries, minimum=0)
+        name = options.get("name")
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str, got {name!r}")
         if kind == "process":
@@ -123,88 +149,42 @@ class Pipeline:
             )
         )
 
-    def stage(
-        self,
-        fn: Callable[[Any], Any],
-        *,
-        workers: int = 1,
-        kind: Kind | None = None,
-        name: str | None = None,
-        capacity: int | None = None,
-        ordered: bool | None = None,
-        init: Callable[[], Any] | None = None,
-        timeout: float | None = None,
-        retries: int = 0,
-    ) -> Pipeline:
-        """Adds a stage that maps each item through ``fn``.
+    def stage(self, fn: Callable[[Any], Any], /, **options: Unpack[StageOptions]) -> Pipeline:
+        """Adds a stage that maps each item through ``fn``: ``fn(item)`` is the next item.
 
-        Args:
-            fn: called as ``fn(item)``; its return value is the next item.
-            workers: how many workers run ``fn`` at once (fan-out; their outputs fan in).
-            kind: ``"thread"`` or ``"process"`` (default: the pipeline's).
-            name: used in errors, progress and ``to_mermaid()`` (default: the function's name).
-            capacity: the bound of the queue feeding this stage, in batches (default
-                ``2 * workers``).
-            ordered: False lets items leave this stage in completion order.
-            init: called once per worker before its first item; its return value is what
-                :func:`pipeflow.worker_state` returns inside ``fn``.
-            timeout: seconds one item may take; past it the run fails with ``TimeoutError``.
-            retries: how many more times to try an item whose ``fn`` raised.
+        ``options`` are those of :class:`StageOptions`, all keyword: ``workers``, ``kind``,
+        ``name``, ``capacity``, ``ordered``, ``init``, ``timeout``, ``retries``.
 
         Example:
             >>> import pipeflow as pf
             >>> pf.Pipeline(kind="thread").stage(str.upper, workers=2).run(["a", "b"])
             ['A', 'B']
         """
-        return self._step("map", fn, workers, kind, name, capacity, ordered, init, timeout, retries)
+        return self._step("map", fn, options)
 
-    def filter(
-        self,
-        fn: Callable[[Any], Any],
-        *,
-        workers: int = 1,
-        kind: Kind | None = None,
-        name: str | None = None,
-        capacity: int | None = None,
-        ordered: bool | None = None,
-        init: Callable[[], Any] | None = None,
-        timeout: float | None = None,
-        retries: int = 0,
-    ) -> Pipeline:
-        """Adds a stage that keeps the items for which ``fn(item)`` is true.
+    def filter(self, fn: Callable[[Any], Any], /, **options: Unpack[StageOptions]) -> Pipeline:
+        """Adds a stage that keeps the items for which ``fn(item)`` is true (options as for
+        :meth:`stage`).
 
         Example:
             >>> import pipeflow as pf
             >>> pf.Pipeline(kind="thread").filter(lambda x: x > 1).run([0, 1, 2, 3])
             [2, 3]
         """
-        return self._step(
-            "filter", fn, workers, kind, name, capacity, ordered, init, timeout, retries
-        )
+        return self._step("filter", fn, options)
 
     def flat_map(
-        self,
-        fn: Callable[[Any], Iterable[Any]],
-        *,
-        workers: int = 1,
-        kind: Kind | None = None,
-        name: str | None = None,
-        capacity: int | None = None,
-        ordered: bool | None = None,
-        init: Callable[[], Any] | None = None,
-        timeout: float | None = None,
-        retries: int = 0,
+        self, fn: Callable[[Any], Iterable[Any]], /, **options: Unpack[StageOptions]
     ) -> Pipeline:
-        """Adds a stage where each item becomes any number of items: those ``fn(item)`` yields.
+        """Adds a stage where each item becomes any number of items: those ``fn(item)`` yields
+        (options as for :meth:`stage`).
 
         Example:
             >>> import pipeflow as pf
             >>> pf.Pipeline(kind="thread").flat_map(range).run([1, 0, 3])
             [0, 0, 1, 2]
         """
-        return self._step(
-            "flat_map", fn, workers, kind, name, capacity, ordered, init, timeout, retries
-        )
+        return self._step("flat_map", fn, options)
 
     def batch(
         self,
@@ -225,9 +205,12 @@ class Pipeline:
             [[0, 1], [2, 3], [4]]
         """
         _check_int("size", size, minimum=1)
-        step = self._step(
-            "batch", list, 1, "thread", name or f"batch({size})", capacity, ordered, None, None, 0
-        )._steps[-1]
+        options = StageOptions(kind="thread", name=name or f"batch({size})")
+        if capacity is not None:
+            options["capacity"] = capacity
+        if ordered is not None:
+            options["ordered"] = ordered
+        step = self._step("batch", list, options)._steps[-1]
         return self._add(replace(step, size=size))
 
     def run(
