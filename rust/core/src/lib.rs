@@ -24,6 +24,8 @@ pub mod sleep;
 mod channel;
 #[cfg(not(loom))]
 mod pool;
+#[cfg(all(target_os = "linux", not(loom)))]
+pub mod shm;
 
 #[cfg(not(loom))]
 pub use channel::{
