@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(VENV)/bin/maturin develop --release --quiet --extras dev,bench
 	$(PY) -m pytest benches -q --benchmark-enable -p no:cacheprovider
 	$(PY) -m benches.compare
+	$(PY) -m benches.transport
 
 clean:
 	rm -rf $(VENV) target

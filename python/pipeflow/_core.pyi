@@ -3,7 +3,7 @@
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, final
 
-__all__ = ["Channel", "Pool", "select"]
+__all__ = ["Channel", "Pool", "Ring", "select"]
 
 @final
 class Channel:
@@ -83,3 +83,38 @@ class Pool:
     @property
     def running(self) -> int:
         """Jobs running now."""
+
+@final
+class Ring:
+    """One direction of one lane between two processes: a single-producer single-consumer ring
+    of byte frames in an anonymous memfd (nothing in /dev/shm to leak). The creator passes
+    ``fd`` to the other process (``pass_fds``), which maps it with ``Ring.open(fd)``. Blocking
+    calls wait on a futex without holding the GIL, and stay interruptible by Ctrl-C.
+
+    Example:
+        >>> from pipeflow._core import Ring
+        >>> r = Ring(4096)
+        >>> r.push(b"hello")
+        >>> r.pop()
+        b'hello'
+    """
+
+    def __new__(cls, size: int = 1048576) -> Ring: ...
+    @staticmethod
+    def open(fd: int) -> Ring:
+        """Maps a ring created by another process from its memfd (duplicated, not taken)."""
+    @property
+    def fd(self) -> int:
+        """The memfd's descriptor, to pass to the other process."""
+    @property
+    def max_frame(self) -> int:
+        """The longest frame, in bytes (half the ring)."""
+    def push(self, data: bytes, timeout: float | None = None) -> None:
+        """Appends a frame, waiting for room; ``ChannelClosed`` if the reader closed."""
+    def pop(self, timeout: float | None = None) -> bytes:
+        """Takes the next frame, waiting for one; ``ChannelClosed`` once the writer closed and
+        everything was read; ``OSError`` if a frame header is damaged."""
+    def close_write(self) -> None:
+        """The producer's close: the reader drains, then sees the end."""
+    def close_read(self) -> None:
+        """The consumer's close: pushes fail from now on."""

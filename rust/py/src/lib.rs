@@ -6,14 +6,16 @@ mod blocking;
 mod channel;
 mod errors;
 mod pool;
+mod ring;
 
 use pyo3::prelude::*;
 
-/// pipeflow's Rust core: channels and the work-stealing pool.
+/// pipeflow's Rust core: channels, the work-stealing pool, the shared-memory ring.
 #[pymodule(gil_used = false)]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<channel::PyChannel>()?;
     m.add_function(wrap_pyfunction!(channel::select, m)?)?;
     m.add_class::<pool::PyPool>()?;
+    m.add_class::<ring::PyRing>()?;
     Ok(())
 }

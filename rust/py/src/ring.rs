@@ -1,0 +1,131 @@
+//! `pipeflow._core.Ring`: the shared-memory frame ring, one direction of one lane between two
+//! processes. The engine's process stages are built on it; it is exposed for them and for tests.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::time::Instant;
+
+use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use pipeflow_core::shm::{PopError, PushError, Region, Ring, RING_HEADER};
+
+use crate::blocking::{deadline, wait, Slice};
+use crate::errors::{channel_closed, timed_out};
+
+/// A single-producer single-consumer ring of byte frames in a memfd (see `_core.pyi`).
+#[pyclass(frozen, name = "Ring", module = "pipeflow._core")]
+pub struct PyRing {
+    inner: Ring,
+}
+
+#[pymethods]
+impl PyRing {
+    #[new]
+    #[pyo3(signature = (size = 1_048_576))]
+    fn new(size: usize) -> PyResult<Self> {
+        if size < 64 {
+            return Err(PyValueError::new_err(format!(
+                "size must be >= 64 bytes, got {size}"
+            )));
+        }
+        let region = Region::create("pipeflow-ring", RING_HEADER + size).map_err(os_error)?;
+        Ok(PyRing {
+            inner: Ring::create(region).map_err(os_error)?,
+        })
+    }
+
+    /// Maps a ring another process created, from its memfd (the descriptor is duplicated).
+    #[staticmethod]
+    fn open(fd: i32) -> PyResult<Self> {
+        // SAFETY: `fd` is only borrowed for the duplication below; the caller keeps ownership.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        let owned = borrowed.try_clone_to_owned().map_err(os_error)?;
+        let region = Region::from_fd(owned).map_err(os_error)?;
+        Ok(PyRing {
+            inner: Ring::open(region).map_err(os_error)?,
+        })
+    }
+
+    /// The memfd's descriptor, to pass to a child process (`pass_fds`).
+    #[getter]
+    fn fd(&self) -> i32 {
+        self.inner.region().fd().as_raw_fd()
+    }
+
+    #[getter]
+    fn max_frame(&self) -> usize {
+        self.inner.max_frame()
+    }
+
+    #[pyo3(signature = (data, timeout = None))]
+    fn push(&self, py: Python<'_>, data: &[u8], timeout: Option<f64>) -> PyResult<()> {
+        let ring = &self.inner;
+        let result = match ring.push(data, Some(Instant::now())) {
+            Err(PushError::Full) => {
+                let owned = data.to_vec();
+                let waited = wait(py, deadline(timeout)?, (), |(), until| {
+                    match ring.push(&owned, Some(until)) {
+                        Err(PushError::Full) => Slice::Again(()),
+                        other => Slice::Done(other),
+                    }
+                })?;
+                waited.unwrap_or(Err(PushError::Full))
+            }
+            other => other,
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(PushError::Full) => Err(timed_out("push timed out: the ring stayed full")),
+            Err(PushError::TooLarge) => Err(PyValueError::new_err(format!(
+                "a frame of {} bytes exceeds the ring's max_frame of {}",
+                data.len(),
+                ring.max_frame()
+            ))),
+            Err(PushError::Closed) => Err(channel_closed(py, "the ring's reader closed it")),
+        }
+    }
+
+    #[pyo3(signature = (timeout = None))]
+    fn pop<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Bound<'py, PyBytes>> {
+        let ring = &self.inner;
+        let mut out = Vec::new();
+        let mut result = ring.pop(&mut out, Some(Instant::now()));
+        if result == Err(PopError::Empty) {
+            let waited = wait(py, deadline(timeout)?, out, |mut out, until| {
+                match ring.pop(&mut out, Some(until)) {
+                    Err(PopError::Empty) => Slice::Again(out),
+                    other => Slice::Done((other, out)),
+                }
+            })?;
+            (result, out) = match waited {
+                Ok(done) => done,
+                Err(out) => (Err(PopError::Empty), out),
+            };
+        }
+        match result {
+            Ok(()) => Ok(PyBytes::new(py, &out)),
+            Err(PopError::Empty) => Err(timed_out("pop timed out: the ring stayed empty")),
+            Err(PopError::Closed) => Err(channel_closed(py, "the ring's writer closed it")),
+            Err(PopError::Damaged) => Err(PyOSError::new_err(
+                "the ring is damaged (a frame header failed its check)",
+            )),
+        }
+    }
+
+    fn close_write(&self) {
+        self.inner.close_write();
+    }
+
+    fn close_read(&self) {
+        self.inner.close_read();
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Ring(fd={}, max_frame={})", self.fd(), self.max_frame())
+    }
+}
+
+fn os_error(e: std::io::Error) -> PyErr {
+    PyOSError::new_err(e.to_string())
+}

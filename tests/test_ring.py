@@ -1,0 +1,70 @@
+"""The shared-memory ring from Python, between two real processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import pipeflow as pf
+from pipeflow._core import Ring
+
+PRODUCER = """
+    import sys
+    from pipeflow._core import Ring
+    ring = Ring.open(int(sys.argv[1]))
+    for i in range(int(sys.argv[2])):
+        ring.push(i.to_bytes(4, "little") * (1 + i % 7))
+    ring.close_write()
+"""
+
+
+def test_frames_cross_to_a_child_process_in_order() -> None:
+    ring = Ring(4096)
+    n = 20_000
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(PRODUCER), str(ring.fd), str(n)],
+        pass_fds=[ring.fd],
+    )
+    try:
+        for i in range(n):
+            assert ring.pop(timeout=30) == i.to_bytes(4, "little") * (1 + i % 7)
+        with pytest.raises(pf.ChannelClosed):
+            ring.pop(timeout=30)
+    finally:
+        assert child.wait(timeout=30) == 0
+
+
+def test_timeouts_and_limits() -> None:
+    ring = Ring(64)
+    assert ring.max_frame == 24
+    with pytest.raises(TimeoutError):
+        ring.pop(timeout=0.01)
+    with pytest.raises(ValueError, match="exceeds the ring's max_frame"):
+        ring.push(b"x" * 25)
+    ring.push(b"a" * 24)
+    ring.push(b"b" * 24)
+    with pytest.raises(TimeoutError):
+        ring.push(b"c", timeout=0.01)
+    ring.close_read()
+    with pytest.raises(pf.ChannelClosed):
+        ring.push(b"d")
+
+
+def test_open_rejects_a_descriptor_that_is_not_a_ring(tmp_path: object) -> None:
+    import os
+
+    r, w = os.pipe()
+    try:
+        with pytest.raises(OSError):
+            Ring.open(r)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_small_sizes_are_refused() -> None:
+    with pytest.raises(ValueError, match="size must be >= 64"):
+        Ring(10)
