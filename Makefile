@@ -27,7 +27,7 @@ test-rust:
 
 # Loom model checks of our own concurrency protocols (a separate target dir: other cfg flags).
 test-loom:
-	RUSTFLAGS="--cfg loom" cargo test -p pipeflow-core --test loom --release --target-dir target/loom
+	RUSTFLAGS="--cfg loom" cargo test -p pipeflow-core --test loom --test loom_ring --release --target-dir target/loom
 
 test-python: build
 	$(PY) -m pytest -q

@@ -24,7 +24,7 @@ pub mod sleep;
 mod channel;
 #[cfg(not(loom))]
 mod pool;
-#[cfg(all(target_os = "linux", not(loom)))]
+#[cfg(target_os = "linux")]
 pub mod shm;
 
 #[cfg(not(loom))]

@@ -25,20 +25,24 @@
 //!
 //! A consumer with nothing to read reads `data_seq`, announces itself in `consumer_waiting`,
 //! re-checks `write`, and sleeps on `data_seq` only if the value it read is still there. The
-//! producer, after publishing, bumps `data_seq` and wakes if `consumer_waiting` is set. The
-//! announce / re-check and publish / check-waiter pairs are SeqCst, so (Dekker) either the
-//! consumer sees the frame or the producer sees the waiter; and a bump between the consumer's
-//! read of `data_seq` and its sleep makes the futex return at once. Space for the producer works
-//! the same way with `space_seq` and `producer_waiting`.
+//! producer, after publishing, bumps `data_seq` and wakes if `consumer_waiting` is set. Either
+//! the consumer sees the frame or the producer sees the waiter (a Dekker pair): the announce, the
+//! re-check, the publish and the waiter check are all read-modify-writes (`swap`, `fetch_add(0)`),
+//! which read the latest value in each word's modification order, so the argument holds with
+//! acquire/release synchronization alone, not only under a total SeqCst order (and loom, which
+//! models SeqCst loads as acquire loads, can check it). A bump between the consumer's read of
+//! `data_seq` and its sleep makes the futex return at once. Space for the producer works the same
+//! way with `space_seq` and `producer_waiting`.
 //!
 //! A frame header is validated before use: a damaged one is an error ([`PopError::Damaged`]),
 //! never a crash or a hang, even if the other side wrote garbage.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::futex;
+#[cfg(not(loom))]
 use super::region::Region;
+use crate::sync::{AtomicU32, AtomicU64, Ordering};
 
 /// Bytes before the data area.
 pub const RING_HEADER: usize = 512;
@@ -101,10 +105,81 @@ pub enum PopError {
 /// One end's view of a ring laid out in a region. Use one `Ring` as the producer and another
 /// (possibly in another process) as the consumer; never two producers or two consumers.
 pub struct Ring {
+    #[cfg(not(loom))]
     region: Region,
+    #[cfg(loom)]
+    mem: std::sync::Arc<LoomMemory>,
     capacity: u64,
 }
 
+/// Under loom: the ring's memory on the heap, each data byte a loom cell (so that loom reports
+/// any read of a byte that races with its write).
+#[cfg(loom)]
+pub struct LoomMemory {
+    header: Header,
+    data: Vec<loom::cell::UnsafeCell<u8>>,
+}
+
+// SAFETY: shared between the model's threads like the real region is between processes; every
+// access to a data cell goes through loom, which reports any that race.
+#[cfg(loom)]
+unsafe impl Sync for LoomMemory {}
+// SAFETY: as for Sync.
+#[cfg(loom)]
+unsafe impl Send for LoomMemory {}
+
+#[cfg(loom)]
+impl Ring {
+    /// A producer end and a consumer end of a new ring of `capacity` data bytes (a power of
+    /// two, at least 64), for loom models.
+    pub fn loom_pair(capacity: u64) -> (Ring, Ring) {
+        assert!(capacity.is_power_of_two() && capacity >= 64);
+        let header = Header {
+            magic: MAGIC,
+            capacity,
+            _pad0: [0; 14],
+            write: AtomicU64::new(0),
+            _pad1: [0; 15],
+            read: AtomicU64::new(0),
+            _pad2: [0; 15],
+            data_seq: AtomicU32::new(0),
+            consumer_waiting: AtomicU32::new(0),
+            space_seq: AtomicU32::new(0),
+            producer_waiting: AtomicU32::new(0),
+            writer_closed: AtomicU32::new(0),
+            reader_closed: AtomicU32::new(0),
+        };
+        let data = (0..capacity)
+            .map(|_| loom::cell::UnsafeCell::new(0))
+            .collect();
+        let mem = std::sync::Arc::new(LoomMemory { header, data });
+        let other = Ring {
+            mem: std::sync::Arc::clone(&mem),
+            capacity,
+        };
+        (Ring { mem, capacity }, other)
+    }
+
+    fn header(&self) -> &Header {
+        &self.mem.header
+    }
+
+    fn store(&self, off: u64, bytes: &[u8]) {
+        for (cell, b) in self.mem.data[off as usize..].iter().zip(bytes) {
+            // SAFETY: loom checks that no other access to this byte races with this write.
+            cell.with_mut(|p| unsafe { *p = *b });
+        }
+    }
+
+    fn load(&self, off: u64, out: &mut [u8]) {
+        for (cell, b) in self.mem.data[off as usize..].iter().zip(out.iter_mut()) {
+            // SAFETY: loom checks that no write to this byte races with this read.
+            *b = cell.with(|p| unsafe { *p });
+        }
+    }
+}
+
+#[cfg(not(loom))]
 impl Ring {
     /// Lays out a new ring over `region`, whose data area is the rest of the region rounded
     /// down to a power of two.
@@ -157,11 +232,6 @@ impl Ring {
         &self.region
     }
 
-    /// The longest payload a frame can carry.
-    pub fn max_frame(&self) -> usize {
-        (self.capacity / 2 - FRAME_HEADER) as usize
-    }
-
     fn header(&self) -> &Header {
         // SAFETY: the header lies at the start of the live, aligned mapping (checked in
         // create/open); its shared fields are atomics and the rest is never written after setup.
@@ -171,6 +241,42 @@ impl Ring {
     fn data(&self) -> *mut u8 {
         // SAFETY: RING_HEADER + capacity <= region length (checked in create/open).
         unsafe { self.region.as_ptr().add(RING_HEADER) }
+    }
+
+    /// Copies `bytes` into the data area at `off`. The caller guarantees the range lies in the
+    /// data area and that the protocol gives it exclusive use of that range now.
+    fn store(&self, off: u64, bytes: &[u8]) {
+        assert!(off as usize + bytes.len() <= self.capacity as usize);
+        // SAFETY: the range lies inside the data area (asserted), and by the ring protocol it
+        // is free space owned by this producer until it publishes (see `push`).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.data().add(off as usize),
+                bytes.len(),
+            );
+        }
+    }
+
+    /// Copies from the data area at `off` into `out`, under the same guarantees as `store`.
+    fn load(&self, off: u64, out: &mut [u8]) {
+        assert!(off as usize + out.len() <= self.capacity as usize);
+        // SAFETY: the range lies inside the data area (asserted), and by the ring protocol it
+        // holds a published frame that the producer does not touch until `read` passes it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.data().add(off as usize),
+                out.as_mut_ptr(),
+                out.len(),
+            );
+        }
+    }
+}
+
+impl Ring {
+    /// The longest payload a frame can carry.
+    pub fn max_frame(&self) -> usize {
+        (self.capacity / 2 - FRAME_HEADER) as usize
     }
 
     // ------------------------------------------------------------------ producer
@@ -190,18 +296,20 @@ impl Ring {
             0
         };
         loop {
+            // The wait word first, then every condition (closed included): a close or a consume
+            // after this read bumps the word, so the sleep below returns at once.
+            let seq = h.space_seq.load(Ordering::SeqCst);
             if h.reader_closed.load(Ordering::Acquire) != 0 {
                 return Err(PushError::Closed);
             }
-            let seq = h.space_seq.load(Ordering::SeqCst);
             // Acquire: pairs with the consumer's Release store of `read` (it is done with the
             // bytes we are about to overwrite).
             let r = h.read.load(Ordering::Acquire);
             if self.capacity - (w - r) >= pad + stride {
                 break;
             }
-            h.producer_waiting.store(1, Ordering::SeqCst);
-            if self.capacity - (w - h.read.load(Ordering::SeqCst)) >= pad + stride {
+            h.producer_waiting.swap(1, Ordering::SeqCst);
+            if self.capacity - (w - h.read.fetch_add(0, Ordering::SeqCst)) >= pad + stride {
                 h.producer_waiting.store(0, Ordering::Relaxed);
                 break;
             }
@@ -218,36 +326,26 @@ impl Ring {
         }
         let off = at % self.capacity;
         self.write_frame_header(off, payload.len() as u32);
-        // SAFETY: [off + 8, off + 8 + len) lies inside the data area (the frame does not
-        // straddle the end), and it is free space: the consumer's `read` is past it (checked
-        // above with Acquire), so no one reads it until we publish below.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                payload.as_ptr(),
-                self.data().add((off + FRAME_HEADER) as usize),
-                payload.len(),
-            );
-        }
+        // [off + 8, off + 8 + len) lies inside the data area (the frame does not straddle the
+        // end), and it is free space: the consumer's `read` is past it (checked above with
+        // Acquire), so no one reads it until we publish below.
+        self.store(off + FRAME_HEADER, payload);
         self.publish(at + stride);
         Ok(())
     }
 
     fn write_frame_header(&self, off: u64, len: u32) {
-        let bytes = frame_header(len);
-        // SAFETY: `off` is 8-aligned and < capacity, so 8 bytes fit; the space is free (see
-        // `push`), so only this producer touches it until it publishes.
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.data().add(off as usize), 8);
-        }
+        // `off` is 8-aligned and < capacity, so 8 bytes fit; the space is free (see `push`).
+        self.store(off, &frame_header(len));
     }
 
     fn publish(&self, new_write: u64) {
         let h = self.header();
-        // SeqCst (stronger than the Release this pairs with in the consumer's Acquire load):
-        // it also orders against the consumer_waiting check below (the eventcount's Dekker pair).
-        h.write.store(new_write, Ordering::SeqCst);
+        // An RMW (Release at least: pairs with the consumer's Acquire load of `write`), and one
+        // half of the eventcount's Dekker pair with the waiter check below (see the module docs).
+        h.write.swap(new_write, Ordering::SeqCst);
         h.data_seq.fetch_add(1, Ordering::SeqCst);
-        if h.consumer_waiting.load(Ordering::SeqCst) != 0 {
+        if h.consumer_waiting.fetch_add(0, Ordering::SeqCst) != 0 {
             futex::wake_all(&h.data_seq);
         }
     }
@@ -287,19 +385,11 @@ impl Ring {
                 {
                     return Err(PopError::Damaged);
                 }
+                // The frame lies inside the data area (checked just above) and was published
+                // (Acquire load of `write`); the producer will not reuse it before `read` moves.
                 out.clear();
-                out.reserve(len as usize);
-                // SAFETY: the frame lies inside the data area (checked just above) and was
-                // published (Acquire load of `write`); the producer will not reuse it before we
-                // advance `read`. `out` has room for `len` bytes, set as its length after.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        self.data().add((off + FRAME_HEADER) as usize),
-                        out.as_mut_ptr(),
-                        len as usize,
-                    );
-                    out.set_len(len as usize);
-                }
+                out.resize(len as usize, 0);
+                self.load(off + FRAME_HEADER, out);
                 self.consumed(r + stride);
                 return Ok(());
             }
@@ -307,8 +397,8 @@ impl Ring {
                 self.store_read(r);
                 return Err(PopError::Closed);
             }
-            h.consumer_waiting.store(1, Ordering::SeqCst);
-            if h.write.load(Ordering::SeqCst) != r {
+            h.consumer_waiting.swap(1, Ordering::SeqCst);
+            if h.write.fetch_add(0, Ordering::SeqCst) != r {
                 h.consumer_waiting.store(0, Ordering::Relaxed);
                 continue;
             }
@@ -322,12 +412,10 @@ impl Ring {
     }
 
     fn read_frame_header(&self, off: u64) -> Result<u32, PopError> {
+        // `off` < capacity and 8-aligned (positions only advance by multiples of 8), so 8 bytes
+        // lie in the data area; the frame was published (see `pop`).
         let mut bytes = [0u8; 8];
-        // SAFETY: `off` < capacity and 8-aligned (positions only advance by multiples of 8),
-        // so 8 bytes lie in the data area; the frame was published (see `pop`).
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.data().add(off as usize), bytes.as_mut_ptr(), 8);
-        }
+        self.load(off, &mut bytes);
         let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
         let check = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
         if check != len ^ FRAME_CHECK {
@@ -346,11 +434,11 @@ impl Ring {
 
     fn consumed(&self, new_read: u64) {
         let h = self.header();
-        // SeqCst: Release for the producer's Acquire load of `read`, and ordered against the
-        // producer_waiting check below (the eventcount's Dekker pair).
-        h.read.store(new_read, Ordering::SeqCst);
+        // An RMW (Release at least: pairs with the producer's Acquire load of `read`), and one
+        // half of the eventcount's Dekker pair with the waiter check below (see the module docs).
+        h.read.swap(new_read, Ordering::SeqCst);
         h.space_seq.fetch_add(1, Ordering::SeqCst);
-        if h.producer_waiting.load(Ordering::SeqCst) != 0 {
+        if h.producer_waiting.fetch_add(0, Ordering::SeqCst) != 0 {
             futex::wake_all(&h.space_seq);
         }
     }
@@ -392,7 +480,7 @@ fn sleep_until(word: &AtomicU32, seen: u32, deadline: Option<Instant>) -> bool {
     true
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use std::sync::Arc;
