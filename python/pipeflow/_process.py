@@ -1,0 +1,201 @@
+"""Worker processes for process stages: start, talk over shared-memory rings, supervise.
+
+::
+
+    parent (a proxy thread per worker)            child: python -m pipeflow._worker IN OUT
+      requests ──► Ring "in"  (parent writes) ──► loop: pop a request, run the step's
+      replies  ◄── Ring "out" (child writes)  ◄──       function over a batch, push the reply
+
+Each direction is its own single-writer ring (``pipeflow._core.Ring``, a memfd: nothing to leak in
+/dev/shm), so a worker killed at any instant cannot wedge or corrupt the parent's side. Messages
+are pickled (protocol 5; the step's function and ``init`` with cloudpickle, so lambdas and
+notebook functions work) and split into frames when longer than the ring's ``max_frame``.
+
+The parent waits for a reply in slices and looks at the worker between them: a worker that died is
+reported as :class:`~pipeflow.WorkerCrashed` with its exit code or signal; one that holds a batch
+past ``timeout`` is killed and reported as ``TimeoutError``. An exception in the worker comes back
+as the same exception type, with the worker's traceback text as its ``__cause__``.
+
+Workers are started with ``subprocess`` (a fresh interpreter: safe whatever threads the parent
+runs, unlike a plain fork). A worker exits when the parent closes its input ring, and on its own
+when it sees that its parent died (it checks once a second), so no orphan outlives a killed run.
+
+Status: this is the transport and supervision layer of process stages; the engine does not use it
+yet (``kind="process"`` still says so), and there is no warm worker set yet (each
+``WorkerProcess`` starts a fresh interpreter).
+"""
+
+from __future__ import annotations
+
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import cloudpickle
+
+from ._core import Ring
+from ._errors import ChannelClosed, WorkerCrashed
+
+__all__ = ["RemoteTraceback", "WorkerProcess", "recv_message", "send_message"]
+
+RING_BYTES = 4 << 20
+_MORE, _LAST = b"\x01", b"\x00"
+POLL = 0.05  # how often a waiting parent looks at the worker process
+START_TIMEOUT = 60.0
+
+
+class _ClosedRing:
+    """Stands in for a released ring: every use says the worker is stopped."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise ChannelClosed("this worker process was stopped")
+
+
+_CLOSED: Any = _ClosedRing()
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker process (its ``__cause__``)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.text}"""'
+
+
+def send_message(ring: Ring, obj: Any, timeout: float | None = None) -> None:
+    """Pickles ``obj`` and pushes it as one or more frames."""
+    data = pickle.dumps(obj, protocol=5)
+    step = ring.max_frame - 1
+    for start in range(0, max(len(data), 1), step):
+        chunk = data[start : start + step]
+        more = start + step < len(data)
+        ring.push((_MORE if more else _LAST) + chunk, timeout)
+
+
+def recv_message(ring: Ring, timeout: float | None = None) -> Any:
+    """Pops frames until a whole message is in, and unpickles it."""
+    parts = []
+    while True:
+        frame = ring.pop(timeout)
+        parts.append(frame[1:])
+        if frame[:1] == _LAST:
+            return pickle.loads(b"".join(parts))
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        cause = {
+            "SIGKILL": "killed (the out-of-memory killer, or someone's kill -9)",
+            "SIGSEGV": "a crash in native code (segmentation fault)",
+            "SIGABRT": "an abort in native code",
+            "SIGBUS": "a bus error in native code (often a truncated memory-mapped file)",
+        }.get(name, "a signal")
+        return f"was killed by {name} ({cause})"
+    return f"exited with code {code} (sys.exit or os._exit in the stage code?)"
+
+
+class WorkerProcess:
+    """One worker process running one step's function over batches of records."""
+
+    def __init__(self, op: str, fn: Any, init: Any, label: str) -> None:
+        self.label = label
+        self.to_child = Ring(RING_BYTES)
+        self.from_child = Ring(RING_BYTES)
+        fds = [self.to_child.fd, self.from_child.fd]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeflow._worker", str(fds[0]), str(fds[1])],
+            pass_fds=fds,
+            stdin=subprocess.DEVNULL,
+        )
+        try:
+            setup = ("setup", op, cloudpickle.dumps(fn), cloudpickle.dumps(init))
+            send_message(self.to_child, setup)
+            reply = self._wait_reply(START_TIMEOUT, what="starting")
+            if reply[0] != "ready":
+                self._raise_remote(reply)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def run_batch(
+        self, batch: list[Any], timeout: float | None, slot: list[Any]
+    ) -> tuple[list[Any], int]:
+        """Runs the step over ``batch`` in the worker; returns ``(records, items_run)``.
+
+        On an error, ``slot[0]`` is set to the key of the item it concerns (for a crash or a
+        timeout, the batch's first item: the parent does not know which one was in hand).
+        """
+        slot[0] = batch[0][0] if batch else None
+        send_message(self.to_child, ("batch", batch))
+        reply = self._wait_reply(timeout, what=f"running a batch of {len(batch)} item(s)")
+        if reply[0] == "done":
+            slot[0] = None
+            return reply[1], reply[2]
+        slot[0] = reply[3]
+        self._raise_remote(reply)
+        raise AssertionError("unreachable")
+
+    def _wait_reply(self, timeout: float | None, what: str) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return recv_message(self.from_child, POLL)
+            except TimeoutError:
+                pass
+            except ChannelClosed:
+                pass  # the child closed its end: it is exiting; its status says why
+            code = self.proc.poll()
+            if code is not None:
+                raise WorkerCrashed(
+                    f"{self.label}: the worker process (pid {self.proc.pid}) "
+                    f"{_describe_exit(code)} while {what}"
+                )
+            if deadline is not None and time.monotonic() >= deadline:
+                self.kill()
+                raise TimeoutError(
+                    f"{self.label}: no reply within timeout={timeout} s while {what}; "
+                    f"the worker process (pid {self.proc.pid}) was killed"
+                )
+
+    @staticmethod
+    def _raise_remote(reply: Any) -> None:
+        _, payload, tb_text, _key = reply
+        try:
+            error = pickle.loads(payload)
+        except Exception as e:  # the exception itself could not cross: say what it was
+            error = RuntimeError(f"a worker raised an exception that could not be unpickled: {e}")
+        error.__cause__ = RemoteTraceback(tb_text)
+        raise error
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Asks the worker to exit, makes sure it did (killing it past ``timeout``), and
+        releases both rings (their memfds close with them)."""
+        if self.proc.poll() is None:
+            try:
+                self.to_child.close_write()
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.from_child.close_read()
+        # Drop the rings now, not when this object goes: a traceback may keep it alive.
+        self.to_child = self.from_child = _CLOSED
+
+    def kill(self) -> None:
+        """Kills the worker at once and reaps it."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()

@@ -1,0 +1,78 @@
+"""The worker process: ``python -m pipeflow._worker IN_FD OUT_FD`` (started by ``_process``).
+
+It reads requests from the ring on IN_FD and writes replies to the ring on OUT_FD, one at a
+time: ``setup`` (the step's kind, function and init, cloudpickled) once, then ``batch`` requests,
+each answered by ``done`` (the output records) or ``error`` (the pickled exception and its
+traceback text). It exits when the parent closes its input ring, or when the parent dies.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import threading
+import traceback
+from typing import Any
+
+from ._core import Ring
+from ._errors import ChannelClosed
+from ._process import recv_message, send_message
+
+PARENT_CHECK = 1.0
+
+
+def _error_reply(error: BaseException, key: Any = None) -> tuple[str, bytes, str, Any]:
+    text = "".join(traceback.format_exception(error))
+    try:
+        payload = pickle.dumps(error, protocol=5)
+        pickle.loads(payload)
+    except Exception:
+        payload = pickle.dumps(RuntimeError(f"{type(error).__name__}: {error}"), protocol=5)
+    return ("error", payload, text, key)
+
+
+def _watch_parent(parent: int) -> None:
+    """Exits the process when the parent is gone (re-parented to another pid)."""
+    while True:
+        threading.Event().wait(PARENT_CHECK)
+        if os.getppid() != parent:
+            os._exit(70)
+
+
+def main(argv: list[str]) -> int:
+    from . import _engine
+
+    inbox, outbox = Ring.open(int(argv[0])), Ring.open(int(argv[1]))
+    os.close(int(argv[0]))
+    os.close(int(argv[1]))
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    slot: list[Any] = [None, 0.0]
+    try:
+        _, op, fn_bytes, init_bytes = recv_message(inbox)
+        try:
+            fn = pickle.loads(fn_bytes)
+            init = pickle.loads(init_bytes)
+            if init is not None:
+                _engine._worker_state.set(init())
+            apply = _engine._APPLY[op]
+        except BaseException as e:
+            send_message(outbox, _error_reply(e))
+            return 1
+        send_message(outbox, ("ready",))
+        while True:
+            _, batch = recv_message(inbox)
+            try:
+                out, n = apply(fn, batch, slot, False)
+            except BaseException as e:
+                send_message(outbox, _error_reply(e, slot[0]))
+                continue
+            send_message(outbox, ("done", out, n))
+    except ChannelClosed:
+        return 0
+    finally:
+        outbox.close_write()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

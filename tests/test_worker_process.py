@@ -1,0 +1,158 @@
+"""Worker processes over shared-memory rings: results, errors, crashes, timeouts, cleanup.
+
+This is the layer under process stages (not yet wired into ``Pipeline``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+import pipeflow as pf
+from pipeflow._core import Ring
+from pipeflow._process import RemoteTraceback, WorkerProcess, recv_message, send_message
+
+
+def children() -> list[psutil.Process]:
+    return psutil.Process().children(recursive=True)
+
+
+@pytest.fixture(autouse=True)
+def no_child_left() -> object:
+    yield
+    assert not children(), "a worker process was left behind"
+
+
+def records(values: list[object]) -> list[tuple[int, object]]:
+    return list(enumerate(values))
+
+
+def test_messages_larger_than_a_frame_are_split() -> None:
+    ring = Ring(256)
+    big = {"data": bytes(range(256)) * 20, "n": 7}
+    # The message is larger than the whole ring: a reader must drain while it is written.
+    import threading
+
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(recv_message(ring, timeout=10)))
+    t.start()
+    send_message(ring, big, timeout=10)
+    t.join()
+    assert got == [big]
+
+
+def test_a_lambda_runs_in_a_worker_process() -> None:
+    offset = 10
+    w = WorkerProcess("map", lambda x: x + offset, None, "stage 0 ('add')")
+    try:
+        slot: list[object] = [None, 0.0]
+        assert w.run_batch(records([1, 2, 3]), None, slot) == ([(0, 11), (1, 12), (2, 13)], 3)
+        assert w.pid != os.getpid()
+    finally:
+        w.stop()
+
+
+def test_init_state_is_reachable_in_the_worker() -> None:
+    w = WorkerProcess("map", lambda x: (x, pf.worker_state()), lambda: "model", "s")
+    try:
+        assert w.run_batch(records([5]), None, [None, 0.0])[0] == [(0, (5, "model"))]
+    finally:
+        w.stop()
+
+
+def test_an_exception_comes_back_with_type_key_and_remote_traceback() -> None:
+    def boom(x: int) -> int:
+        if x == 3:
+            raise KeyError("three")
+        return x
+
+    w = WorkerProcess("map", boom, None, "s")
+    slot: list[object] = [None, 0.0]
+    try:
+        with pytest.raises(KeyError, match="three") as info:
+            w.run_batch(records([1, 2, 3, 4]), None, slot)
+        assert slot[0] == 2
+        assert isinstance(info.value.__cause__, RemoteTraceback)
+        assert "boom" in info.value.__cause__.text
+        # The worker goes on after an exception.
+        assert w.run_batch(records([7]), None, slot)[0] == [(0, 7)]
+    finally:
+        w.stop()
+
+
+def test_an_exception_in_init_fails_the_start() -> None:
+    def init() -> None:
+        raise ImportError("no model")
+
+    with pytest.raises(ImportError, match="no model"):
+        WorkerProcess("map", abs, init, "s")
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        ("os._exit(3)", "exited with code 3"),
+        ("os.kill(os.getpid(), signal.SIGKILL)", "SIGKILL"),
+        ("os.kill(os.getpid(), signal.SIGSEGV)", "SIGSEGV"),
+    ],
+)
+def test_a_dying_worker_is_reported_not_a_hang(code: str, expected: str) -> None:
+    def die(x: int) -> int:
+        import os  # noqa: F401  (names for the exec below)
+        import signal  # noqa: F401
+
+        if x == 1:
+            exec(code)
+        return x
+
+    w = WorkerProcess("map", die, None, "stage 2 ('die')")
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(pf.WorkerCrashed, match=expected) as info:
+            w.run_batch(records([0, 1, 2]), None, [None, 0.0])
+        assert "stage 2 ('die')" in str(info.value)
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        w.stop()
+
+
+def test_a_stuck_worker_is_killed_at_the_timeout() -> None:
+    w = WorkerProcess("map", lambda x: time.sleep(x), None, "s")
+    try:
+        with pytest.raises(TimeoutError, match="was killed"):
+            w.run_batch(records([30]), 0.2, [None, 0.0])
+        assert w.proc.poll() == -signal.SIGKILL
+    finally:
+        w.stop()
+
+
+def test_an_orphaned_worker_exits_by_itself(tmp_path: object) -> None:
+    # A parent that dies without stopping its worker: the worker notices and exits.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import os
+        from pipeflow._process import WorkerProcess
+        w = WorkerProcess("map", abs, None, "s")
+        print(w.pid, flush=True)
+        os._exit(0)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    pid = int(out.stdout.strip())
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(pid) and time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
