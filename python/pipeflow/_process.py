@@ -51,6 +51,8 @@ class _ClosedRing:
     """Stands in for a released ring: every use says the worker is stopped."""
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
         raise ChannelClosed("this worker process was stopped")
 
 
