@@ -88,3 +88,23 @@ def test_bad_timeout(bad: float) -> None:
 def test_bad_parent() -> None:
     with pytest.raises(TypeError, match="parent"):
         pf.Context(parent="nope")  # type: ignore[arg-type]
+
+
+def test_a_context_can_be_entered_again_nested_and_in_threads() -> None:
+    ctx = pf.Context()
+    with ctx:
+        with ctx:
+            assert pf.current_context() is ctx
+        assert pf.current_context() is ctx
+    seen: list[pf.Context] = []
+
+    def enter() -> None:
+        with ctx:
+            seen.append(pf.current_context())
+
+    threads = [threading.Thread(target=enter) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == [ctx] * 4

@@ -41,6 +41,10 @@ def test_stub_methods_match_the_runtime_classes() -> None:
             continue
         stub_members = {
             n.name for n in node.body if isinstance(n, ast.FunctionDef) and n.name != "__new__"
+        } | {
+            n.target.id
+            for n in node.body
+            if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
         }
         cls = getattr(_core, node.name)
         runtime = {n for n in vars(cls) if not n.startswith("__") or n in stub_members}

@@ -301,3 +301,74 @@ def test_no_leftover_threads_after_pool_shutdown() -> None:
 
     assert _pool.shutdown_default_pool(timeout=5)
     assert len(os.listdir("/proc/self/task")) <= before
+
+
+SLOW_ITEMS_CTRL_C_CHILD = """
+    import time, pipeflow as pf
+    print("ready", flush=True)
+    t0 = time.monotonic()
+    try:
+        pf.Pipeline(kind="thread").stage(lambda x: time.sleep(3), workers=2).run(range(4))
+    except KeyboardInterrupt:
+        print("interrupted", round(time.monotonic() - t0, 3), flush=True)
+"""
+
+
+def test_ctrl_c_does_not_wait_for_slow_items_and_exit_is_clean() -> None:
+    child = _run_child(SLOW_ITEMS_CTRL_C_CHILD)
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "ready"
+    time.sleep(0.5)
+    sent = time.monotonic()
+    child.send_signal(signal.SIGINT)
+    line = child.stdout.readline()
+    assert line.startswith("interrupted"), line
+    assert time.monotonic() - sent < 2.0  # not the 3 s the items take
+    _, err = child.communicate(timeout=30)
+    # At exit the interpreter waits for the items in hand instead of aborting (SIGABRT).
+    assert child.returncode == 0, err
+    assert "waiting at exit" not in err  # they finished within the exit grace
+
+
+def test_cancel_lands_between_items_not_between_batches(kind: str) -> None:
+    def work(x: int) -> int:
+        if x >= 20_000:
+            time.sleep(0.02)  # fast first, so batches grow large, then slow
+        return x
+
+    ctx = pf.Context()
+    threading.Timer(1.0, ctx.cancel).start()
+    t0 = time.monotonic()
+    with pytest.raises(pf.Cancelled):
+        pf.Pipeline(kind=kind).stage(work, workers=2).run(range(10**6), context=ctx)  # type: ignore[arg-type]
+    assert time.monotonic() - t0 < 5  # a whole batch of slow items would take ~20 s
+
+
+def test_deadline_does_not_wait_for_slow_items(kind: str) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(pf.DeadlineExceeded):
+        pf.Pipeline(kind=kind).stage(lambda x: time.sleep(1.5)).run(range(3), timeout=0.3)  # type: ignore[arg-type]
+    assert time.monotonic() - t0 < 1.2
+    time.sleep(1.5)  # the item in hand finishes in the background; the leak check follows
+
+
+def test_stop_iteration_from_a_stage_is_reported_not_swallowed(kind: str) -> None:
+    def f(x: int) -> int:
+        if x == 3:
+            raise StopIteration
+        return x
+
+    with pytest.raises(RuntimeError, match="StopIteration raised in stage 0") as info:
+        pf.Pipeline(kind=kind).stage(f).run(range(10))  # type: ignore[arg-type]
+    assert isinstance(info.value.__cause__, StopIteration)
+    assert "input item 3" in info.value.__notes__[-1]
+
+
+def test_input_error_position_counts_every_item_read(kind: str) -> None:
+    def source():  # type: ignore[no-untyped-def]
+        yield from range(3000)
+        raise OSError("read error")
+
+    with pytest.raises(OSError) as info:
+        pf.Pipeline(kind=kind).stage(abs).run(source())  # type: ignore[arg-type]
+    assert "(at item 3000)" in info.value.__notes__[-1]

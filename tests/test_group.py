@@ -182,3 +182,12 @@ def test_bad_limit(bad: int) -> None:
 def test_go_needs_a_callable() -> None:
     with pf.Group() as g, pytest.raises(TypeError, match="needs a callable"):
         g.go(42)  # type: ignore[call-overload]
+
+
+def test_context_is_done_after_a_successful_wait_and_the_group_still_runs_tasks() -> None:
+    g = pf.Group()
+    g.go(lambda: None)
+    g.wait()
+    assert g.context.cancelled  # as errgroup.WithContext after Wait
+    assert g.go(lambda: 7).result(timeout=5) == 7
+    g.wait()

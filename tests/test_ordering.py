@@ -76,6 +76,9 @@ def test_map_fast_path_names_the_failing_item() -> None:
     slot: list[object] = [None, 0.0]
     batch = [(100 + i, i) for i in range(10)]
     with pytest.raises(ValueError):
-        _apply_map_fast(fail_on_6, batch, slot, False)
+        _apply_map_fast(fail_on_6, batch, slot, False, [False])
     assert slot[0] == 106
-    assert _apply_map_fast(abs, batch[:3], slot, False) == ([(100, 0), (101, 1), (102, 2)], 3)
+    assert _apply_map_fast(abs, batch[:3], slot, False, [False]) == (
+        [(100, 0), (101, 1), (102, 2)],
+        3,
+    )

@@ -239,3 +239,18 @@ def test_many_workers_fan_out_and_in(kind: str) -> None:
     out = pf.Pipeline(kind=kind).stage(track, workers=8).run(range(64))  # type: ignore[arg-type]
     assert out == list(range(64))
     assert 2 <= peak <= 8  # bounded by workers, and really concurrent
+
+
+def test_a_nested_stage_without_init_does_not_see_the_outer_state(kind: str) -> None:
+    def inner(x: int) -> bool:
+        try:
+            pf.worker_state()
+        except LookupError:
+            return False
+        return True
+
+    def outer(x: int) -> list[bool]:
+        return pf.Pipeline(kind=kind).stage(inner).run([x])  # type: ignore[arg-type]
+
+    p = pf.Pipeline(kind=kind).stage(outer, init=lambda: "OUTER")  # type: ignore[arg-type]
+    assert p.run([1, 2]) == [[False], [False]]

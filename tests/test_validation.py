@@ -20,6 +20,7 @@ P = pf.Pipeline(kind="thread")
         ({"workers": True}, TypeError, "workers must be an int"),
         ({"kind": "fiber"}, ValueError, "kind must be 'thread' or 'process'"),
         ({"capacity": -1}, ValueError, "capacity must be >= 0"),
+        ({"capacity": 2**62}, ValueError, "capacity must be <= "),
         ({"ordered": "yes"}, TypeError, "ordered must be True or False"),
         ({"init": 3}, TypeError, "init must be a callable"),
         ({"timeout": 0}, ValueError, "timeout must be seconds > 0"),

@@ -54,6 +54,7 @@ class Context:
         self._expired = False
         self._children: weakref.WeakSet[Context] = weakref.WeakSet()
         self._callbacks: list[Callable[[Context], None]] = []
+        self._tokens = threading.local()
         deadline = None if timeout is None else time.monotonic() + timeout
         if parent is not None and parent._deadline is not None:
             deadline = parent._deadline if deadline is None else min(deadline, parent._deadline)
@@ -147,7 +148,9 @@ class Context:
         return True
 
     def __enter__(self) -> Context:
-        self._token = _current.set(self)
+        # A stack per thread: the same context may be entered again, nested or in threads.
+        stack = self._tokens.__dict__.setdefault("stack", [])
+        stack.append(_current.set(self))
         return self
 
     def __exit__(
@@ -156,7 +159,7 @@ class Context:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        _current.reset(self._token)
+        _current.reset(self._tokens.stack.pop())
 
     def __repr__(self) -> str:
         state = f"cancelled: {self._reason!r}" if self.cancelled else "active"

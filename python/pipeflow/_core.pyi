@@ -23,6 +23,9 @@ class Channel:
         ['a', 'b']
     """
 
+    MAX_CAPACITY: int
+    """The largest capacity (the buffer is allocated whole when the channel is made)."""
+
     def __new__(cls, capacity: int = 0) -> Channel: ...
     @property
     def capacity(self) -> int:

@@ -46,6 +46,7 @@ MAX_CHUNK = 1024  # the most records in one batch
 CHUNK_SECONDS = 0.002  # aim for batches that take a worker about this long
 SOURCE_HOLD = 0.005  # the feeder sends a partial batch once its first item waited this long
 SUPERVISE_EVERY = 0.1
+ABANDON_GRACE = 0.1  # after Ctrl-C or a deadline, how long to wait for items in hand
 WINDOW_BATCHES = 4  # in-flight bound, in batches per worker and queue slot
 
 _worker_state: contextvars.ContextVar[Any] = contextvars.ContextVar("pipeflow_worker_state")
@@ -142,6 +143,7 @@ class Run:
         self._lock = threading.Lock()
         self._error: BaseException | None = None
         self._stopped = False
+        self._stop_flag = [False]  # read by the per-item loops: a stop lands between items
         self._tasks_cond = threading.Condition()
         self._running: set[int] = set()
         self._abandoned: set[int] = set()
@@ -172,6 +174,7 @@ class Run:
     def _abort(self, _ctx: Context | None = None) -> None:
         """Stops everything: closes every channel, which wakes every blocked task."""
         self._stopped = True
+        self._stop_flag[0] = True
         for ch in self.channels:
             ch.close()
         for w in self.windows:
@@ -213,16 +216,21 @@ class Run:
         _current.set(self.ctx)
         fn(*args)
 
-    def _join(self) -> None:
-        """Waits for every task but those abandoned past a timeout (threads can't be killed)."""
+    def _join(self, timeout: float | None = None) -> None:
+        """Waits for every task but those abandoned past an item timeout (threads can't be
+        killed); with ``timeout``, at most that long."""
         with self._tasks_cond:
-            while self._running - self._abandoned:
-                self._tasks_cond.wait()
+            self._tasks_cond.wait_for(lambda: not (self._running - self._abandoned), timeout)
 
     # ----------------------------------------------------------------- errors
 
     def _fail(self, error: BaseException, where: str) -> None:
         """Records the first error and cancels the run; later errors are dropped."""
+        if isinstance(error, StopIteration | StopAsyncIteration):
+            # It cannot travel through the results generator (PEP 479): say what it was.
+            wrapped = RuntimeError(f"{type(error).__name__} raised in {where}")
+            wrapped.__cause__ = error
+            error = wrapped
         with self._lock:
             if self._error is not None:
                 return
@@ -281,10 +289,13 @@ class Run:
             while not self._stopped:
                 want = min(first.chunk() if first else MAX_CHUNK, cap)
                 t0 = perf_counter()
-                batch = list(itertools.islice(numbered, want))
+                batch: list[Any] = []
+                try:
+                    batch.extend(itertools.islice(numbered, want))
+                finally:  # what extend appended stays, also when next() raised mid-way
+                    pulled += len(batch)
                 if not batch:
                     return
-                pulled += len(batch)
                 elapsed = perf_counter() - t0
                 cap = min(MAX_CHUNK, 2 * cap) if elapsed < SOURCE_HOLD / 2 else max(1, cap // 2)
                 if not window.acquire(len(batch)) or not self._send_chunks(0, batch):
@@ -300,8 +311,8 @@ class Run:
         slot = st.slots[worker]
         inq = self.channels[st.index]
         try:
-            if step.init is not None:
-                _worker_state.set(step.init())
+            # A stage without init has no state, whatever the caller's context carried.
+            _worker_state.set(step.init() if step.init is not None else _NO_STATE)
             apply = _APPLY[step.op]
             if step.op == "map" and step.timeout is None and not st.may_skip:
                 apply = _apply_map_fast
@@ -312,7 +323,7 @@ class Run:
                 if self._stopped:
                     break
                 t0 = perf_counter()
-                out, n = apply(fn, batch, slot, timed)
+                out, n = apply(fn, batch, slot, timed, self._stop_flag)
                 slot[0] = None
                 st.measure(perf_counter() - t0, n)
                 if not self._send_chunks(st.index + 1, out):
@@ -374,6 +385,7 @@ class Run:
         out_ch = self.channels[-1]
         bar = _progress_bar(self.total) if self.progress else None
         finished = False
+        interrupted = False
         try:
             self._start()
             next_check = perf_counter() + SUPERVISE_EVERY
@@ -400,10 +412,15 @@ class Run:
                     yield from released
                     released.clear()
             finished = True
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
         finally:
             if not finished or self._error is not None:
                 self.ctx.cancel("the caller stopped consuming results")
-            self._join()
+            # Ctrl-C and a passed deadline must not wait for items in hand: threads cannot be
+            # killed, so those finish in the background (and find every channel closed).
+            self._join(ABANDON_GRACE if interrupted or self.ctx.expired else None)
             if bar is not None:
                 bar.close()
         if self._error is not None:
@@ -436,11 +453,13 @@ class Run:
 
 
 def _apply_map(
-    fn: Callable[[Any], Any], batch: list[Any], slot: list[Any], timed: bool
+    fn: Callable[[Any], Any], batch: list[Any], slot: list[Any], timed: bool, stop: list[bool]
 ) -> tuple[list[Any], int]:
     out = []
     n = 0
     for key, value in batch:
+        if stop[0]:
+            break
         if value is SKIP:
             out.append((key, SKIP))
             continue
@@ -453,13 +472,13 @@ def _apply_map(
 
 
 def _apply_map_fast(
-    fn: Callable[[Any], Any], batch: list[Any], slot: list[Any], timed: bool
+    fn: Callable[[Any], Any], batch: list[Any], slot: list[Any], timed: bool, stop: list[bool]
 ) -> tuple[list[Any], int]:
     """``_apply_map`` for a batch with no SKIP record and no per-item timeout to watch: a list
     comprehension; on an exception the list iterator's position names the failing item."""
     records = iter(batch)
     try:
-        out = [(key, fn(value)) for key, value in records]
+        out = [(key, fn(value)) for key, value in records if not stop[0]]
     except BaseException:
         slot[0] = batch[len(batch) - operator.length_hint(records) - 1][0]
         raise
@@ -467,11 +486,13 @@ def _apply_map_fast(
 
 
 def _apply_filter(
-    fn: Callable[[Any], Any], batch: list[Any], slot: list[Any], timed: bool
+    fn: Callable[[Any], Any], batch: list[Any], slot: list[Any], timed: bool, stop: list[bool]
 ) -> tuple[list[Any], int]:
     out = []
     n = 0
     for key, value in batch:
+        if stop[0]:
+            break
         if value is not SKIP:
             slot[0] = key
             if timed:
@@ -484,11 +505,13 @@ def _apply_filter(
 
 
 def _apply_flat_map(
-    fn: Callable[[Any], Any], batch: list[Any], slot: list[Any], timed: bool
+    fn: Callable[[Any], Any], batch: list[Any], slot: list[Any], timed: bool, stop: list[bool]
 ) -> tuple[list[Any], int]:
     out: list[Any] = []
     n = 0
     for key, value in batch:
+        if stop[0]:
+            break
         if value is SKIP:
             out.append((key, SKIP))
             continue

@@ -92,6 +92,7 @@ class Group:
         self._pending = 0
         self._errors: list[BaseException] = []
         self._noted = False
+        self._done_ok = False  # a wait() returned without error (the context is done then)
 
     @property
     def context(self) -> Context:
@@ -122,7 +123,7 @@ class Group:
 
     def _start(self, fn: Callable[..., T], args: Any, kwargs: Any) -> Task[T]:
         task: Task[T] = Task(getattr(fn, "__qualname__", repr(fn)))
-        if self._ctx.cancelled:
+        if self._ctx.cancelled and not self._done_ok:
             task._error = self._ctx.error()
             task._done.set()
             self._release()
@@ -179,7 +180,13 @@ class Group:
         except BaseException:
             self._ctx.cancel("the caller was interrupted while waiting")
             raise
-        self._raise_first()
+        try:
+            self._raise_first()
+            self._done_ok = True
+        finally:
+            # As errgroup.WithContext: once Wait returns, the group's context is done (tasks
+            # started later still run, as in Go, and see it done).
+            self._ctx.cancel("the group finished")
 
     def _raise_first(self) -> None:
         with self._cond:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 import threading
 
 from ._core import Pool
@@ -54,5 +55,27 @@ def _after_fork_in_child() -> None:
         _pool = None
 
 
+def _at_exit() -> None:
+    """Stops what still runs on the pool, and waits for it: a pool thread that re-enters the
+    interpreter while it finalizes would abort the process. Runs and groups that derive from the
+    background context (all but those given a root ``Context`` of their own) are cancelled first,
+    so their workers stop at the next item; code that ignores cancellation is waited for, as
+    ``concurrent.futures`` waits for its threads."""
+    from ._context import _BACKGROUND
+
+    _BACKGROUND._cancel("the interpreter is exiting", expired=False)
+    pool = _pool
+    if pool is None or pool.shutdown(EXIT_GRACE):
+        return
+    print(
+        f"pipeflow: waiting at exit for {pool.running} task(s) still running on the pool "
+        "(threads cannot be killed; stage code can stop early with "
+        "pipeflow.current_context().raise_if_cancelled())",
+        file=sys.stderr,
+        flush=True,
+    )
+    pool.shutdown(None)
+
+
 os.register_at_fork(after_in_child=_after_fork_in_child)
-atexit.register(shutdown_default_pool, EXIT_GRACE)
+atexit.register(_at_exit)

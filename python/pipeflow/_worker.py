@@ -48,6 +48,7 @@ def main(argv: list[str]) -> int:
     os.close(int(argv[1]))
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     slot: list[Any] = [None, 0.0]
+    never = [False]  # the parent stops a worker by closing its ring, not between items
     try:
         _, op, fn_bytes, init_bytes = recv_message(inbox)
         try:
@@ -63,7 +64,7 @@ def main(argv: list[str]) -> int:
         while True:
             _, batch = recv_message(inbox)
             try:
-                out, n = apply(fn, batch, slot, False)
+                out, n = apply(fn, batch, slot, False, never)
             except BaseException as e:
                 send_message(outbox, _error_reply(e, slot[0]))
                 continue

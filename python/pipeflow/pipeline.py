@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal, TypedDict, Unpack
 
 from ._context import Context
+from ._core import Channel
 
 __all__ = ["Pipeline", "StageOptions", "Step"]
 
@@ -115,6 +116,8 @@ class Pipeline:
         capacity = options.get("capacity")
         if capacity is not None:
             _check_int("capacity", capacity, minimum=0)
+            if capacity > Channel.MAX_CAPACITY:
+                raise ValueError(f"capacity must be <= {Channel.MAX_CAPACITY}, got {capacity}")
         ordered = options.get("ordered")
         if ordered is not None:
             _check_bool("ordered", ordered)
@@ -285,7 +288,12 @@ class Pipeline:
             raise TypeError(
                 f"items must be iterable, got {type(items).__name__}: {items!r}"
             ) from None
-        total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
+        total = None
+        if progress and hasattr(items, "__len__"):
+            try:
+                total = len(items)  # type: ignore[arg-type]
+            except (OverflowError, TypeError):
+                total = None
         return Run(self._steps, source, total, progress, context, timeout).results()
 
     def to_mermaid(self) -> str:

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{self as cc, Select};
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use crate::gate::Gate;
 use crate::sync::{lock, Mutex};
 
@@ -233,26 +235,34 @@ fn soonest(deadline: Option<Instant>, other: Instant) -> Instant {
     }
 }
 
+/// Where the next [`select_recv`] starts looking.
+static SELECT_ROTATION: AtomicUsize = AtomicUsize::new(0);
+
 /// Receives from whichever of `channels` has a value first, returning its index and the value.
 /// Channels that are closed and drained are skipped; when all are, the result is `AllClosed`.
 pub fn select_recv<T>(
     channels: &[&Channel<T>],
     deadline: Option<Instant>,
 ) -> Result<(usize, T), SelectError> {
+    let n = channels.len();
     loop {
         let mut any_open = false;
         let mut any_in_flight = false;
         // Per channel: was it open when we looked? Its close signal is watched below.
-        let mut was_open = Vec::with_capacity(channels.len());
-        for (i, ch) in channels.iter().enumerate() {
-            match ch.try_recv() {
+        let mut was_open = vec![false; n];
+        // Look from a rotating start, so that when several channels are ready each gets its
+        // turn (Go picks among ready cases at random). Relaxed: only spreads the starts.
+        let start = SELECT_ROTATION.fetch_add(1, Ordering::Relaxed);
+        for k in 0..n {
+            let i = (start + k) % n;
+            match channels[i].try_recv() {
                 Ok(v) => return Ok((i, v)),
-                Err(TryRecvError::Closed) => was_open.push(false),
+                Err(TryRecvError::Closed) => {}
                 Err(TryRecvError::Empty) => {
-                    let closed = ch.is_closed();
+                    let closed = channels[i].is_closed();
                     any_open = true;
                     any_in_flight |= closed;
-                    was_open.push(!closed);
+                    was_open[i] = !closed;
                 }
             }
         }

@@ -10,8 +10,17 @@ use pyo3::prelude::*;
 
 use crate::errors::bad_argument;
 
-/// The longest a blocking call stays deaf to signals.
+/// The longest a blocking call in the main thread stays deaf to signals.
 pub(crate) const SLICE: Duration = Duration::from_millis(50);
+/// Other threads never receive Python's signals: they wait in long slices (an idle pipeline
+/// then costs no CPU), re-checking only so that a wait never depends on one wake-up alone.
+const OFF_MAIN_SLICE: Duration = Duration::from_secs(5);
+
+/// True in the process's main thread, the only one where Python runs signal handlers.
+fn in_main_thread() -> bool {
+    // SAFETY: getpid and gettid take no arguments, touch no memory and cannot fail.
+    unsafe { libc::getpid() == libc::gettid() }
+}
 
 /// The result of one slice of waiting.
 pub(crate) enum Slice<S, R> {
@@ -36,7 +45,7 @@ pub(crate) fn deadline(timeout: Option<f64>) -> PyResult<Option<Instant>> {
 }
 
 /// Waits until `step` is done or `deadline` passes, detached, in slices with signal checks
-/// between them. `step(state, until)` waits at most until `until`. Returns `Err(state)` if the
+/// between them (short slices in the main thread only). `step(state, until)` waits at most until `until`. Returns `Err(state)` if the
 /// deadline passed, or the Python error a signal handler raised.
 pub(crate) fn wait<S, R, F>(
     py: Python<'_>,
@@ -49,8 +58,13 @@ where
     R: Send,
     F: Fn(S, Instant) -> Slice<S, R> + Sync,
 {
+    let slice = if in_main_thread() {
+        SLICE
+    } else {
+        OFF_MAIN_SLICE
+    };
     loop {
-        let slice_end = Instant::now() + SLICE;
+        let slice_end = Instant::now() + slice;
         let (until, last) = match deadline {
             Some(d) if d <= slice_end => (d, true),
             _ => (slice_end, false),

@@ -17,14 +17,22 @@ pub struct PyChannel {
 
 #[pymethods]
 impl PyChannel {
+    /// The largest capacity: the buffer is allocated whole when the channel is made.
+    #[classattr]
+    const MAX_CAPACITY: usize = 1 << 20;
+
     #[new]
     #[pyo3(signature = (capacity = 0))]
     fn new(capacity: i64) -> PyResult<Self> {
-        let capacity = usize::try_from(capacity).map_err(|_| {
-            bad_argument(format!(
-                "capacity must be >= 0 (0 makes a rendezvous channel), got {capacity}"
-            ))
-        })?;
+        let capacity = usize::try_from(capacity)
+            .ok()
+            .filter(|&c| c <= Self::MAX_CAPACITY)
+            .ok_or_else(|| {
+                bad_argument(format!(
+                    "capacity must be from 0 (a rendezvous channel) to {}, got {capacity}",
+                    Self::MAX_CAPACITY
+                ))
+            })?;
         Ok(PyChannel {
             inner: Channel::new(capacity),
         })
