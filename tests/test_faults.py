@@ -372,3 +372,46 @@ def test_input_error_position_counts_every_item_read(kind: str) -> None:
     with pytest.raises(OSError) as info:
         pf.Pipeline(kind=kind).stage(abs).run(source())  # type: ignore[arg-type]
     assert "(at item 3000)" in info.value.__notes__[-1]
+
+
+@pytest.mark.leaky  # the feeder stays inside the blocked next() until the queue yields
+def test_break_returns_while_the_input_blocks(kind: str) -> None:
+    import queue
+
+    q: queue.Queue[int | None] = queue.Queue()
+    for i in range(5):
+        q.put(i)
+
+    def events():  # type: ignore[no-untyped-def]
+        while (item := q.get()) is not None:
+            yield item
+
+    t0 = time.monotonic()
+    for r in pf.Pipeline(kind=kind).stage(abs).iter(events()):  # type: ignore[arg-type]
+        if r == 2:
+            break
+    assert time.monotonic() - t0 < 2
+    q.put(None)  # let the feeder's next() return; it sees the stop and exits
+
+
+def test_a_stalled_input_holds_back_at_most_one_batch(kind: str) -> None:
+    from pipeflow._engine import MAX_CHUNK
+
+    release = threading.Event()
+
+    def source():  # type: ignore[no-untyped-def]
+        yield from range(3000)
+        release.wait(10)
+        yield 3000
+
+    out: list[int] = []
+    it = pf.Pipeline(kind=kind).stage(abs).iter(source())  # type: ignore[arg-type]
+    threading.Timer(2.0, release.set).start()
+    for r in it:
+        out.append(r)
+        if not release.is_set():
+            seen_while_stalled = r
+    assert out == list(range(3001))
+    # What the input gave before it stalled came out during the stall, but for the batch the
+    # feeder was filling (it cannot send from inside the input's next()).
+    assert seen_while_stalled >= 3000 - MAX_CHUNK

@@ -45,6 +45,7 @@ __all__ = ["Run", "worker_state"]
 MAX_CHUNK = 1024  # the most records in one batch
 CHUNK_SECONDS = 0.002  # aim for batches that take a worker about this long
 SOURCE_HOLD = 0.005  # the feeder sends a partial batch once its first item waited this long
+SOURCE_PIECE = 64  # the most items the feeder pulls between two looks at the clock
 SUPERVISE_EVERY = 0.1
 ABANDON_GRACE = 0.1  # after Ctrl-C or a deadline, how long to wait for items in hand
 WINDOW_BATCHES = 4  # in-flight bound, in batches per worker and queue slot
@@ -148,6 +149,8 @@ class Run:
         self._running: set[int] = set()
         self._abandoned: set[int] = set()
         self._ids = itertools.count()
+        self._feeder_id = -1
+        self._in_source = False  # the feeder is inside the input's next()
 
     # ----------------------------------------------------------------- set-up and tear-down
 
@@ -182,7 +185,7 @@ class Run:
 
     def _start(self) -> None:
         self.ctx._on_cancel(self._abort)
-        self._submit(self._feed)
+        self._feeder_id = self._submit(self._feed)
         for st in self.states:
             if st.step.op == "batch":
                 self._submit(self._batcher, st)
@@ -218,9 +221,17 @@ class Run:
 
     def _join(self, timeout: float | None = None) -> None:
         """Waits for every task but those abandoned past an item timeout (threads can't be
-        killed); with ``timeout``, at most that long."""
+        killed), and but a stopped run's feeder blocked in the input's ``next()``; with
+        ``timeout``, at most that long."""
+
+        def done() -> bool:
+            waiting = self._running - self._abandoned
+            if self._stopped and self._in_source:
+                waiting = waiting - {self._feeder_id}
+            return not waiting
+
         with self._tasks_cond:
-            self._tasks_cond.wait_for(lambda: not (self._running - self._abandoned), timeout)
+            self._tasks_cond.wait_for(done, timeout)
 
     # ----------------------------------------------------------------- errors
 
@@ -277,31 +288,50 @@ class Run:
     def _feed(self) -> None:
         """Reads the input lazily, numbering items, in batches sized for step 0.
 
-        A batch is pulled at C speed (``enumerate`` + ``islice``). Its size is what step 0
-        wants, capped so that a slow input iterator still sends within ``SOURCE_HOLD``.
+        Items are pulled at C speed (``enumerate`` + ``islice``) in pieces of at most
+        ``SOURCE_PIECE``, and a batch is sent as soon as it is as large as step 0 wants or its
+        first item has waited ``SOURCE_HOLD``. ``cap`` bounds a piece by how many items the input
+        yields within ``SOURCE_HOLD``, so a slow input is sent item by item. An input that stalls
+        right after a fast burst holds back the batch being filled (at most ``MAX_CHUNK``
+        items) until it yields again: this task cannot send from inside ``next()``. While this task is
+        inside the input's ``next()`` (which may block for good: an event source), the run may
+        be left without waiting for it; it exits as soon as ``next()`` returns.
         """
         window = self.windows[0]
         first = self.states[0] if self.states else None
         numbered = enumerate(self.source)
-        cap = 1  # how many items the input yields within SOURCE_HOLD (grows as it proves fast)
+        cap = 1
         pulled = 0
+        exhausted = False
         try:
-            while not self._stopped:
-                want = min(first.chunk() if first else MAX_CHUNK, cap)
-                t0 = perf_counter()
+            while not (exhausted or self._stopped):
+                want = first.chunk() if first else MAX_CHUNK
                 batch: list[Any] = []
-                try:
-                    batch.extend(itertools.islice(numbered, want))
-                finally:  # what extend appended stays, also when next() raised mid-way
-                    pulled += len(batch)
+                t0 = perf_counter()
+                while len(batch) < want and not self._stopped:
+                    piece = min(want - len(batch), cap, SOURCE_PIECE)
+                    before = len(batch)
+                    self._in_source = True
+                    try:
+                        batch.extend(itertools.islice(numbered, piece))
+                    finally:  # what extend appended stays, also when next() raised mid-way
+                        self._in_source = False
+                        pulled = batch[-1][0] + 1 if batch else pulled
+                    elapsed = perf_counter() - t0
+                    if len(batch) - before < piece:
+                        exhausted = True
+                        break
+                    fast = elapsed < SOURCE_HOLD / 2
+                    cap = min(MAX_CHUNK, 2 * cap) if fast else max(1, cap // 2)
+                    if elapsed >= SOURCE_HOLD:
+                        break
                 if not batch:
-                    return
-                elapsed = perf_counter() - t0
-                cap = min(MAX_CHUNK, 2 * cap) if elapsed < SOURCE_HOLD / 2 else max(1, cap // 2)
+                    break
                 if not window.acquire(len(batch)) or not self._send_chunks(0, batch):
                     return
         except BaseException as e:
-            self._fail(e, f"the input iterable (at item {pulled})")
+            if not self._stopped:
+                self._fail(e, f"the input iterable (at item {pulled})")
         finally:
             self.channels[0].close()
 
