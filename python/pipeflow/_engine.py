@@ -293,9 +293,9 @@ class Run:
         first item has waited ``SOURCE_HOLD``. ``cap`` bounds a piece by how many items the input
         yields within ``SOURCE_HOLD``, so a slow input is sent item by item. An input that stalls
         right after a fast burst holds back the batch being filled (at most ``MAX_CHUNK``
-        items) until it yields again: this task cannot send from inside ``next()``. While this task is
-        inside the input's ``next()`` (which may block for good: an event source), the run may
-        be left without waiting for it; it exits as soon as ``next()`` returns.
+        items) until it yields again: this task cannot send from inside ``next()``. While it is
+        inside the input's ``next()`` (which may block for good: an event source), a stopped run
+        does not wait for it; it exits as soon as ``next()`` returns.
         """
         window = self.windows[0]
         first = self.states[0] if self.states else None
