@@ -202,6 +202,18 @@ def _run_child(code: str) -> subprocess.Popen[str]:
     )
 
 
+def _interrupt_child(code: str, settle: float) -> tuple[subprocess.Popen[str], float]:
+    """Starts ``code``, waits for its "ready" line and ``settle`` s, sends SIGINT; returns the
+    child and the moment the signal was sent."""
+    child = _run_child(code)
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "ready"
+    time.sleep(settle)
+    sent = time.monotonic()
+    child.send_signal(signal.SIGINT)
+    return child, sent
+
+
 CTRL_C_CHILD = """
     import sys, time, pipeflow as pf
     def slow(x):
@@ -224,12 +236,7 @@ CTRL_C_CHILD = """
 
 
 def test_ctrl_c_interrupts_a_run_and_cleans_up() -> None:
-    child = _run_child(CTRL_C_CHILD)
-    assert child.stdout is not None
-    assert child.stdout.readline().strip() == "ready"
-    time.sleep(0.3)
-    sent = time.monotonic()
-    child.send_signal(signal.SIGINT)
+    child, sent = _interrupt_child(CTRL_C_CHILD, 0.3)
     out, err = child.communicate(timeout=20)
     elapsed = time.monotonic() - sent
     assert child.returncode == 0, err
@@ -261,12 +268,7 @@ CTRL_C_CHANNEL_CHILD = """
     ids=["recv", "send", "select", "context-wait"],
 )
 def test_ctrl_c_interrupts_blocking_calls_quickly(code: str) -> None:
-    child = _run_child(code)
-    assert child.stdout is not None
-    assert child.stdout.readline().strip() == "ready"
-    time.sleep(0.2)
-    sent = time.monotonic()
-    child.send_signal(signal.SIGINT)
+    child, sent = _interrupt_child(code, 0.2)
     out, err = child.communicate(timeout=10)
     assert "interrupted" in out, err
     # The ~100 ms promise, with room for a loaded CI machine (interpreter exit included).
@@ -315,12 +317,8 @@ SLOW_ITEMS_CTRL_C_CHILD = """
 
 
 def test_ctrl_c_does_not_wait_for_slow_items_and_exit_is_clean() -> None:
-    child = _run_child(SLOW_ITEMS_CTRL_C_CHILD)
+    child, sent = _interrupt_child(SLOW_ITEMS_CTRL_C_CHILD, 0.5)
     assert child.stdout is not None
-    assert child.stdout.readline().strip() == "ready"
-    time.sleep(0.5)
-    sent = time.monotonic()
-    child.send_signal(signal.SIGINT)
     line = child.stdout.readline()
     assert line.startswith("interrupted"), line
     assert time.monotonic() - sent < 2.0  # not the 3 s the items take

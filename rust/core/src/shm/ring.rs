@@ -344,10 +344,7 @@ impl Ring {
         // An RMW (Release at least: pairs with the consumer's Acquire load of `write`), and one
         // half of the eventcount's Dekker pair with the waiter check below (see the module docs).
         h.write.swap(new_write, Ordering::SeqCst);
-        h.data_seq.fetch_add(1, Ordering::SeqCst);
-        if h.consumer_waiting.fetch_add(0, Ordering::SeqCst) != 0 {
-            futex::wake_all(&h.data_seq);
-        }
+        signal(&h.data_seq, &h.consumer_waiting);
     }
 
     /// Closes the producer's end: the consumer reads what was pushed, then sees `Closed`.
@@ -437,10 +434,7 @@ impl Ring {
         // An RMW (Release at least: pairs with the producer's Acquire load of `read`), and one
         // half of the eventcount's Dekker pair with the waiter check below (see the module docs).
         h.read.swap(new_read, Ordering::SeqCst);
-        h.space_seq.fetch_add(1, Ordering::SeqCst);
-        if h.producer_waiting.fetch_add(0, Ordering::SeqCst) != 0 {
-            futex::wake_all(&h.space_seq);
-        }
+        signal(&h.space_seq, &h.producer_waiting);
     }
 
     /// Closes the consumer's end: pushes fail with `Closed` from now on.
@@ -449,6 +443,15 @@ impl Ring {
         h.reader_closed.store(1, Ordering::SeqCst);
         h.space_seq.fetch_add(1, Ordering::SeqCst);
         futex::wake_all(&h.space_seq);
+    }
+}
+
+/// The waker's half of an eventcount: bump the wait word, and wake if the other side announced
+/// that it waits (an RMW read: the latest value, see the module docs).
+fn signal(seq: &AtomicU32, waiting: &AtomicU32) {
+    seq.fetch_add(1, Ordering::SeqCst);
+    if waiting.fetch_add(0, Ordering::SeqCst) != 0 {
+        futex::wake_all(seq);
     }
 }
 
