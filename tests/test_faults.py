@@ -164,13 +164,16 @@ def test_run_timeout_raises_deadline_exceeded(kind: str) -> None:
 
 def test_stage_code_can_stop_early_on_cancellation(kind: str) -> None:
     stopped_early = threading.Event()
+    started = threading.Event()
 
     def long_item(x: int) -> int:
         ctx = pf.current_context()
         if x == 0:
+            started.set()
             if ctx.wait(timeout=10):
                 stopped_early.set()
             return x
+        started.wait(10)  # fail only once item 0 is in hand (else it is never started)
         raise ValueError("fail fast")
 
     with pytest.raises(ValueError, match="fail fast"):
