@@ -7,11 +7,12 @@ import threading
 import time
 from collections.abc import Iterator
 
+import psutil
 import pytest
 
 from pipeflow import _pool
 
-KINDS = ["thread"]  # "process" joins when process stages land
+KINDS = ["thread", "process"]
 
 
 def _os_threads() -> int:
@@ -47,6 +48,9 @@ def assert_clean(threads_before: int, python_threads_before: int, fds_before: in
         f"Python threads leaked: {threading.enumerate()}"
     )
     assert wait_until(lambda: _fds() <= fds_before), "file descriptors leaked"
+    assert wait_until(lambda: not psutil.Process().children(recursive=True)), (
+        f"child processes left: {psutil.Process().children(recursive=True)}"
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -162,7 +162,9 @@ def test_run_timeout_raises_deadline_exceeded(kind: str) -> None:
         pf.Pipeline(kind=kind).stage(slow).run(range(100_000), timeout=0.2)  # type: ignore[arg-type]
 
 
-def test_stage_code_can_stop_early_on_cancellation(kind: str) -> None:
+def test_stage_code_can_stop_early_on_cancellation() -> None:
+    # Threads only: process workers are stopped by killing them (see the next test).
+    kind = "thread"
     stopped_early = threading.Event()
     started = threading.Event()
 
@@ -179,6 +181,19 @@ def test_stage_code_can_stop_early_on_cancellation(kind: str) -> None:
     with pytest.raises(ValueError, match="fail fast"):
         pf.Pipeline(kind=kind).stage(long_item, workers=2).run(range(2))  # type: ignore[arg-type]
     assert stopped_early.is_set()
+
+
+def test_an_error_kills_a_long_item_in_another_worker_process() -> None:
+    def work(x: int) -> int:
+        if x == 0:
+            time.sleep(30)
+        time.sleep(0.2)
+        raise ValueError("fail fast")
+
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="fail fast"):
+        pf.Pipeline(kind="process").stage(work, workers=2).run(range(2))
+    assert time.monotonic() - t0 < 10  # not the 30 s of item 0: its worker was killed
 
 
 @pytest.mark.leaky  # the timed-out thread finishes its sleep in the background
@@ -416,3 +431,42 @@ def test_a_stalled_input_holds_back_at_most_one_batch(kind: str) -> None:
     # What the input gave before it stalled came out during the stall, but for the batch the
     # feeder was filling (it cannot send from inside the input's next()).
     assert seen_while_stalled >= 3000 - MAX_CHUNK
+
+
+def _dies_once(arg: tuple[int, str]) -> int:
+    import os
+    import pathlib
+
+    x, folder = arg
+    marker = pathlib.Path(folder, f"died-{x}")
+    if x == 3 and not marker.exists():
+        marker.write_text("1")
+        os._exit(1)  # the worker process dies holding item 3, once
+    return x
+
+
+def test_a_crashed_worker_is_replaced_and_its_items_rerun(tmp_path: object) -> None:
+    items = [(x, str(tmp_path)) for x in range(10)]
+    p = pf.Pipeline(kind="process").stage(_dies_once, workers=2, retries=1)
+    assert p.run(items) == list(range(10))
+
+
+def test_a_crash_without_retries_names_stage_item_and_exit(tmp_path: object) -> None:
+    items = [(x, str(tmp_path)) for x in range(10)]
+    t0 = time.monotonic()
+    with pytest.raises(pf.WorkerCrashed, match="exited with code 1") as info:
+        pf.Pipeline(kind="process").stage(_dies_once, workers=2).run(items)
+    assert time.monotonic() - t0 < 5  # noticed, never a hang
+    assert "stage 0 ('_dies_once', process worker" in str(info.value)
+    assert "input item 3" in info.value.__notes__[-1]
+
+
+def test_unpicklable_items_and_results_are_reported(kind: str) -> None:
+    if kind == "thread":
+        pytest.skip("threads do not pickle")
+    with pytest.raises(TypeError) as info:
+        pf.Pipeline().stage(abs).run([1, threading.Lock()])
+    assert "could not be pickled" in "".join(info.value.__notes__)
+    with pytest.raises(TypeError) as info:
+        pf.Pipeline().stage(lambda x: threading.Lock()).run([1])
+    assert "result of this batch could not be pickled" in "".join(info.value.__notes__)

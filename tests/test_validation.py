@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -40,9 +41,18 @@ def test_non_callable_stage() -> None:
         P.filter("x")  # type: ignore[arg-type]
 
 
-def test_process_stages_say_they_are_not_there_yet() -> None:
-    with pytest.raises(NotImplementedError, match="pass kind='thread'"):
-        pf.Pipeline().stage(abs)
+def test_a_function_that_cannot_go_to_a_process_names_itself() -> None:
+    lock = threading.Lock()
+
+    def holds_a_lock(x: int) -> object:
+        return lock
+
+    with pytest.raises(TypeError, match=r"'.*holds_a_lock' of this map step cannot be sent"):
+        pf.Pipeline().stage(holds_a_lock)
+    with pytest.raises(TypeError, match="the init"):
+        pf.Pipeline().stage(abs, init=lambda: lock)
+    # Threads need no pickling.
+    assert pf.Pipeline(kind="thread").stage(holds_a_lock).run([1]) == [lock]
 
 
 def test_bad_batch_size() -> None:

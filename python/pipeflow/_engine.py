@@ -30,7 +30,7 @@ import operator
 import threading
 from collections.abc import Callable, Iterator
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _pool
 from ._context import Context, _current, current_context
@@ -39,6 +39,9 @@ from ._errors import ChannelClosed
 from ._ordering import SKIP, Key, Reorderer, Window, child_key
 from ._pool import default_pool
 from .pipeline import Step
+
+if TYPE_CHECKING:
+    from ._process import WorkerProcess
 
 __all__ = ["Run", "worker_state"]
 
@@ -92,6 +95,8 @@ class _StepState:
         """How many records a batch for this step should hold."""
         if self.step.op == "batch":
             return MAX_CHUNK
+        if self.step.kind == "process" and self.step.timeout is not None:
+            return 1  # a worker process is timed per batch: one item each
         spi = self.seconds_per_item
         if spi is None:
             return 1
@@ -336,24 +341,21 @@ class Run:
             self.channels[0].close()
 
     def _work(self, st: _StepState, worker: int) -> None:
-        """One worker of a map, filter or flat_map step."""
+        """One worker of a map, filter or flat_map step: a thread, or the proxy of a process."""
         step = st.step
         slot = st.slots[worker]
         inq = self.channels[st.index]
+        runner: _Runner | None = None
         try:
-            # A stage without init has no state, whatever the caller's context carried.
-            _worker_state.set(step.init() if step.init is not None else _NO_STATE)
-            apply = _APPLY[step.op]
-            if step.op == "map" and step.timeout is None and not st.may_skip:
-                apply = _apply_map_fast
-            fn = _with_retries(step.fn, step.retries, self.ctx) if step.retries else step.fn
-            timed = step.timeout is not None
-            assert fn is not None
+            if step.kind == "process":
+                runner = _ProcessRunner(st, self._where(st, worker, None), self._stopping)
+            else:
+                runner = _ThreadRunner(st, self._stop_flag)
             for batch in inq:
                 if self._stopped:
                     break
                 t0 = perf_counter()
-                out, n = apply(fn, batch, slot, timed, self._stop_flag)
+                out, n = runner.run(batch, slot)
                 slot[0] = None
                 st.measure(perf_counter() - t0, n)
                 if not self._send_chunks(st.index + 1, out):
@@ -363,6 +365,8 @@ class Run:
                 self._fail(e, self._where(st, worker, slot[0]))
         finally:
             slot[0] = None
+            if runner is not None:
+                runner.close()
             self._worker_done(st)
 
     def _worker_done(self, st: _StepState) -> None:
@@ -466,7 +470,7 @@ class Run:
         now = perf_counter()
         for st in self.states:
             limit = st.step.timeout
-            if limit is None:
+            if limit is None or st.step.kind == "process":  # its proxy times it
                 continue
             for w, (key, started) in enumerate(st.slots):
                 if key is not None and now - started > limit:
@@ -563,25 +567,94 @@ def _apply_flat_map(
 _APPLY = {"map": _apply_map, "filter": _apply_filter, "flat_map": _apply_flat_map}
 
 
-def _with_retries(
-    fn: Callable[[Any], Any] | None, retries: int, ctx: Context
-) -> Callable[[Any], Any]:
-    assert fn is not None
+class Retrying:
+    """``fn`` with ``retries`` more tries when it raises an ``Exception`` (picklable, so that a
+    process stage's worker retries in place)."""
 
-    def call(item: Any) -> Any:
-        for _ in range(retries):
+    def __init__(self, fn: Callable[[Any], Any], retries: int) -> None:
+        self.fn = fn
+        self.retries = retries
+
+    def __call__(self, item: Any) -> Any:
+        for _ in range(self.retries):
             try:
-                return fn(item)
+                return self.fn(item)
             except Exception:
-                if ctx.cancelled:
+                if current_context().cancelled:
                     raise
         try:
-            return fn(item)
+            return self.fn(item)
         except Exception as e:
-            e.add_note(f"pipeflow: the item failed {retries + 1} times (retries={retries})")
+            e.add_note(
+                f"pipeflow: the item failed {self.retries + 1} times (retries={self.retries})"
+            )
             raise
 
-    return call
+
+def _step_function(step: Step) -> Callable[[Any], Any]:
+    assert step.fn is not None
+    return Retrying(step.fn, step.retries) if step.retries else step.fn
+
+
+class _Runner:
+    """Runs a step's function over batches: in this thread, or in a worker process."""
+
+    def run(self, batch: list[Any], slot: list[Any]) -> tuple[list[Any], int]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Releases what the runner holds (a worker process)."""
+
+
+class _ThreadRunner(_Runner):
+    def __init__(self, st: _StepState, stop: list[bool]) -> None:
+        step = st.step
+        # A stage without init has no state, whatever the caller's context carried.
+        _worker_state.set(step.init() if step.init is not None else _NO_STATE)
+        self.apply = _APPLY[step.op]
+        if step.op == "map" and step.timeout is None and not st.may_skip:
+            self.apply = _apply_map_fast
+        self.fn = _step_function(step)
+        self.timed = step.timeout is not None
+        self.stop = stop
+
+    def run(self, batch: list[Any], slot: list[Any]) -> tuple[list[Any], int]:
+        return self.apply(self.fn, batch, slot, self.timed, self.stop)
+
+
+class _ProcessRunner(_Runner):
+    """The proxy of one worker process. A worker that dies, or holds a batch past the step's
+    ``timeout`` (batches are single items then), is replaced and the batch re-run, up to
+    ``retries`` times; then the run fails with ``WorkerCrashed`` or ``TimeoutError``."""
+
+    def __init__(self, st: _StepState, label: str, stopping: Callable[[], bool]) -> None:
+        self.st = st
+        self.label = label
+        self.stopping = stopping
+        self.worker = self._start()
+
+    def _start(self) -> WorkerProcess:
+        from ._process import WorkerProcess
+
+        step = self.st.step
+        return WorkerProcess(step.op, _step_function(step), step.init, self.label, self.stopping)
+
+    def run(self, batch: list[Any], slot: list[Any]) -> tuple[list[Any], int]:
+        from ._errors import WorkerCrashed
+
+        attempt = 0
+        while True:
+            try:
+                return self.worker.run_batch(batch, self.st.step.timeout, slot)
+            except (WorkerCrashed, TimeoutError):
+                if attempt >= self.st.step.retries or self.stopping():
+                    raise
+                attempt += 1
+                self.worker.stop()
+                self.worker = self._start()
+
+    def close(self) -> None:
+        self.worker.stop()
 
 
 def _progress_bar(total: int | None) -> Any:

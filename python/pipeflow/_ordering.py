@@ -30,6 +30,9 @@ class _Skip:
     def __repr__(self) -> str:
         return "SKIP"
 
+    def __reduce__(self) -> str:
+        return "SKIP"  # unpickles as this module's singleton: identity survives a process hop
+
 
 SKIP: Any = _Skip()
 

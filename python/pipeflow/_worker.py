@@ -50,8 +50,9 @@ def main(argv: list[str]) -> int:
     slot: list[Any] = [None, 0.0]
     never = [False]  # the parent stops a worker by closing its ring, not between items
     try:
-        _, op, fn_bytes, init_bytes = recv_message(inbox)
+        _, op, fn_bytes, init_bytes, parent_path = recv_message(inbox)
         try:
+            sys.path[:] = parent_path
             fn = pickle.loads(fn_bytes)
             init = pickle.loads(init_bytes)
             if init is not None:
@@ -68,7 +69,11 @@ def main(argv: list[str]) -> int:
             except BaseException as e:
                 send_message(outbox, _error_reply(e, slot[0]))
                 continue
-            send_message(outbox, ("done", out, n))
+            try:
+                send_message(outbox, ("done", out, n))
+            except Exception as e:  # a result that does not pickle: report, don't die
+                e.add_note("pipeflow: a result of this batch could not be pickled")
+                send_message(outbox, _error_reply(e, batch[0][0] if batch else None))
     except ChannelClosed:
         return 0
     finally:

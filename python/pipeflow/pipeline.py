@@ -133,10 +133,9 @@ class Pipeline:
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str, got {name!r}")
         if kind == "process":
-            raise NotImplementedError(
-                "process stages are not available yet (they are the next milestone); "
-                "pass kind='thread' to this step, or Pipeline(kind='thread') for every step"
-            )
+            _check_sendable(op, fn, "function")
+            if init is not None:
+                _check_sendable(op, init, "init")
         return self._add(
             Step(
                 op=op,
@@ -321,6 +320,21 @@ class Pipeline:
     def __repr__(self) -> str:
         inner = ", ".join(f"{s.op}({s.name}, {s.kind} x {s.workers})" for s in self._steps)
         return f"Pipeline([{inner}])"
+
+
+def _check_sendable(op: str, fn: object, what: str) -> None:
+    """A process stage's function must pickle (cloudpickle: lambdas and closures do)."""
+    import cloudpickle
+
+    try:
+        cloudpickle.dumps(fn)
+    except Exception as e:
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise TypeError(
+            f"the {what} {name!r} of this {op} step cannot be sent to a worker process "
+            f"({type(e).__name__}: {e}); make what it refers to picklable (e.g. open "
+            "connections or files inside it, or in init=), or use kind='thread'"
+        ) from e
 
 
 def _check_int(what: str, value: object, *, minimum: int) -> None:
