@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -47,6 +48,9 @@ def assert_clean(threads_before: int, python_threads_before: int, fds_before: in
     assert wait_until(lambda: threading.active_count() <= python_threads_before), (
         f"Python threads leaked: {threading.enumerate()}"
     )
+    # A failed run's exception and its traceback form a reference cycle with the frames that
+    # hold a worker's rings: the collector frees them (and their memfds), not refcounting.
+    gc.collect()
     assert wait_until(lambda: _fds() <= fds_before), "file descriptors leaked"
     assert wait_until(lambda: not psutil.Process().children(recursive=True)), (
         f"child processes left: {psutil.Process().children(recursive=True)}"
