@@ -39,7 +39,7 @@ import cloudpickle
 from ._core import Ring
 from ._errors import ChannelClosed, WorkerCrashed
 
-__all__ = ["RemoteTraceback", "WorkerProcess", "recv_message", "send_message"]
+__all__ = ["RemoteTraceback", "WorkerProcess", "recv_message", "send_bytes", "send_message"]
 
 RING_BYTES = 4 << 20
 _MORE, _LAST = b"\x01", b"\x00"
@@ -76,7 +76,11 @@ class RemoteTraceback(Exception):
 
 def send_message(ring: Ring, obj: Any, timeout: float | None = None) -> None:
     """Pickles ``obj`` and pushes it as one or more frames."""
-    data = pickle.dumps(obj, protocol=5)
+    send_bytes(ring, pickle.dumps(obj, protocol=5), timeout)
+
+
+def send_bytes(ring: Ring, data: bytes, timeout: float | None = None) -> None:
+    """Pushes a pickled message as one or more frames."""
     step = ring.max_frame - 1
     for start in range(0, max(len(data), 1), step):
         chunk = data[start : start + step]
@@ -157,10 +161,12 @@ class WorkerProcess:
         """
         slot[0] = batch[0][0] if batch else None
         try:
-            send_message(self.to_child, ("batch", batch))
+            # Pickled here, not in send_message: a failure's traceback then holds no ring.
+            data = pickle.dumps(("batch", batch), protocol=5)
         except (pickle.PicklingError, TypeError, AttributeError) as e:
             e.add_note("pipeflow: an item could not be pickled to be sent to the worker process")
             raise
+        send_bytes(self.to_child, data)
         reply = self._wait_reply(timeout, what=f"running a batch of {len(batch)} item(s)")
         if reply[0] == "done":
             slot[0] = None
