@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) -m pytest benches -q --benchmark-enable -p no:cacheprovider
 	$(PY) -m benches.compare
 	$(PY) -m benches.transport
+	$(PY) -m benches.processes
 
 clean:
 	rm -rf $(VENV) target
