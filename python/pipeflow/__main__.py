@@ -11,7 +11,8 @@ import hashlib
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from .pipeline import Pipeline
 
@@ -49,33 +50,42 @@ def _label(count: int) -> str:
     return "many" if count > 145 else "few"
 
 
+def _race(
+    title: str, serial: Callable[[], list[Any]], pipeline: Pipeline, items: Iterable[Any]
+) -> list[Any] | None:
+    """Times ``serial()`` against ``pipeline.run(items)``, prints both and the speedup, and
+    returns the results (None, after saying so, if they differ)."""
+    t0 = time.perf_counter()
+    expected = serial()
+    t_serial = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    got = pipeline.run(items)
+    t_parallel = time.perf_counter() - t0
+    if got != expected:
+        print("pipeflow demo: results differ from the serial run", file=sys.stderr)
+        return None
+    print(pipeline.to_mermaid())
+    print(f"\n{title}")
+    print(f"  serial    {t_serial:7.3f} s")
+    print(f"  pipeflow  {t_parallel:7.3f} s  (worker start-up included)")
+    print(f"  speedup   {t_serial / t_parallel:7.2f}x on {os.cpu_count()} cores")
+    return got
+
+
 def demo(n_items: int, workers: int) -> int:
     """Counts primes over ``n_items`` spans of integers through a two-stage process pipeline
     (pure Python under the GIL: only processes scale it), against a serial run."""
     spans = [(1_000_000 + i * 2_000, 1_000_000 + (i + 1) * 2_000) for i in range(n_items)]
-
-    t0 = time.perf_counter()
-    serial = [_label(_primes_in(s)) for s in spans]
-    t_serial = time.perf_counter() - t0
-
     pipeline = (
         Pipeline(kind="process")
         .stage(_primes_in, workers=workers, name="count primes")
         .stage(_label, name="label")
     )
-    t0 = time.perf_counter()
-    parallel = pipeline.run(spans)
-    t_parallel = time.perf_counter() - t0
-
-    if parallel != serial:
-        print("pipeflow demo: results differ from the serial run", file=sys.stderr)
+    title = f"prime counting over {n_items} spans of 2,000 integers, {workers} process workers"
+    labels = _race(title, lambda: [_label(_primes_in(s)) for s in spans], pipeline, spans)
+    if labels is None:
         return 1
-    print(pipeline.to_mermaid())
-    print(f"\nprime counting over {n_items} spans of 2,000 integers, {workers} process workers")
-    print(f"  serial    {t_serial:7.3f} s")
-    print(f"  pipeflow  {t_parallel:7.3f} s  (worker start-up included)")
-    print(f"  speedup   {t_serial / t_parallel:7.2f}x on {os.cpu_count()} cores")
-    print(f"  results identical; spans with many primes: {serial.count('many')}")
+    print(f"  results identical; spans with many primes: {labels.count('many')}")
     return 0
 
 
@@ -87,29 +97,18 @@ def demo_threads(n_items: int, workers: int) -> int:
         for i in range(n_items):
             yield blocks[i % len(blocks)] + i.to_bytes(8, "little")
 
-    t0 = time.perf_counter()
-    serial = [_leading_zero_bits(_digest(b)) for b in items()]
-    t_serial = time.perf_counter() - t0
-
     pipeline = (
         Pipeline(kind="thread")
         .stage(_digest, workers=workers, name="sha256")
         .stage(_leading_zero_bits, name="score")
     )
-    t0 = time.perf_counter()
-    parallel = pipeline.run(items())
-    t_parallel = time.perf_counter() - t0
-
-    if parallel != serial:
-        print("pipeflow demo: results differ from the serial run", file=sys.stderr)
+    title = f"sha256 over {n_items} x 1 MiB buffers, {workers} thread workers"
+    scores = _race(
+        title, lambda: [_leading_zero_bits(_digest(b)) for b in items()], pipeline, items()
+    )
+    if scores is None:
         return 1
-    mib = n_items * BUFFER / (1 << 20)
-    print(pipeline.to_mermaid())
-    print(f"\nsha256 over {n_items} x 1 MiB buffers ({mib:.0f} MiB), {workers} thread workers")
-    print(f"  serial    {t_serial:7.3f} s  {mib / t_serial:8.1f} MiB/s")
-    print(f"  pipeflow  {t_parallel:7.3f} s  {mib / t_parallel:8.1f} MiB/s")
-    print(f"  speedup   {t_serial / t_parallel:7.2f}x on {os.cpu_count()} cores")
-    print(f"  results identical; most leading zero bits seen: {max(serial)}")
+    print(f"  results identical; most leading zero bits seen: {max(scores, default=0)}")
     return 0
 
 
