@@ -1,6 +1,7 @@
 """Worker processes over shared-memory rings: results, errors, crashes, timeouts, cleanup.
 
-This is the layer under process stages (not yet wired into ``Pipeline``).
+This is the layer under process stages, tested on its own (conftest checks after every test that
+no child process is left).
 """
 
 from __future__ import annotations
@@ -15,16 +16,6 @@ import pytest
 import pipeflow as pf
 from pipeflow._core import Ring
 from pipeflow._process import RemoteTraceback, WorkerProcess, recv_message, send_message
-
-
-def children() -> list[psutil.Process]:
-    return psutil.Process().children(recursive=True)
-
-
-@pytest.fixture(autouse=True)
-def no_child_left() -> object:
-    yield
-    assert not children(), "a worker process was left behind"
 
 
 def records(values: list[object]) -> list[tuple[int, object]]:
