@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from pipeflow import _pool
+from pipeflow import _pool, _process
 
 KINDS = ["thread", "process"]
 
@@ -39,7 +39,9 @@ def wait_until(predicate: object, timeout: float = 5.0) -> bool:
 
 
 def assert_clean(threads_before: int, python_threads_before: int, fds_before: int) -> None:
-    """No pool job running, no thread or fd more than before."""
+    """No pool job running, no thread, fd or child process more than before (idle warm worker
+    processes are a cache: they are stopped first, and must then be gone like the rest)."""
+    _process.shutdown_idle()
     pool = _pool.default_pool()
     assert wait_until(lambda: pool.running == 0), f"pool jobs still running: {pool!r}"
     assert wait_until(lambda: _non_pool_threads() <= threads_before), (

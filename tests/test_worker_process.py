@@ -147,3 +147,30 @@ def test_an_orphaned_worker_exits_by_itself(tmp_path: object) -> None:
             break
         time.sleep(0.05)
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_second_run_reuses_warm_workers_with_the_new_step() -> None:
+    from pipeflow import _process
+
+    _process.shutdown_idle()
+    first = pf.Pipeline().stage(lambda x: os.getpid(), workers=2).run(range(50))
+    second = pf.Pipeline().stage(lambda x: (os.getpid(), x * 3), init=lambda: 1).run(range(4))
+    assert {pid for pid, _ in second} <= set(first)  # no new interpreter
+    assert [v for _, v in second] == [0, 3, 6, 9]  # but the new function
+
+
+def test_idle_workers_exit_with_the_interpreter() -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import os, pipeflow as pf
+        print(*set(pf.Pipeline().stage(lambda x: os.getpid(), workers=2).run(range(20))))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    pids = [int(p) for p in out.stdout.split()]
+    assert pids and not any(psutil.pid_exists(p) for p in pids)

@@ -634,10 +634,10 @@ class _ProcessRunner(_Runner):
         self.worker = self._start()
 
     def _start(self) -> WorkerProcess:
-        from ._process import WorkerProcess
+        from ._process import lease
 
         step = self.st.step
-        return WorkerProcess(step.op, _step_function(step), step.init, self.label, self.stopping)
+        return lease(step.op, _step_function(step), step.init, self.label, self.stopping)
 
     def run(self, batch: list[Any], slot: list[Any]) -> tuple[list[Any], int]:
         from ._errors import WorkerCrashed
@@ -654,7 +654,12 @@ class _ProcessRunner(_Runner):
                 self.worker = self._start()
 
     def close(self) -> None:
-        self.worker.stop()
+        from ._process import give_back
+
+        if self.stopping():
+            self.worker.stop()  # a stopped run may have left the worker mid-batch
+        else:
+            give_back(self.worker)
 
 
 def _progress_bar(total: int | None) -> Any:

@@ -20,16 +20,20 @@ Workers are started with ``subprocess`` (a fresh interpreter: safe whatever thre
 runs, unlike a plain fork). A worker exits when the parent closes its input ring, and on its own
 when it sees that its parent died (it checks once a second), so no orphan outlives a killed run.
 
-Status: there is no warm worker set yet: each ``WorkerProcess`` starts a fresh interpreter, so a
-run of a process stage pays the start-up of its workers (tens of milliseconds each).
+Warm set: a worker whose run ended cleanly goes back to an idle set (at most ``MAX_IDLE``), and
+the next run loads its step into it (``lease``) instead of starting an interpreter. Idle workers
+are stopped at exit, and exit by themselves if the parent dies.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
 import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,7 +43,16 @@ import cloudpickle
 from ._core import Ring
 from ._errors import ChannelClosed, WorkerCrashed
 
-__all__ = ["RemoteTraceback", "WorkerProcess", "recv_message", "send_bytes", "send_message"]
+__all__ = [
+    "RemoteTraceback",
+    "WorkerProcess",
+    "give_back",
+    "lease",
+    "recv_message",
+    "send_bytes",
+    "send_message",
+    "shutdown_idle",
+]
 
 RING_BYTES = 4 << 20
 _MORE, _LAST = b"\x01", b"\x00"
@@ -125,8 +138,6 @@ class WorkerProcess:
         label: str,
         stopping: Callable[[], bool] = lambda: False,
     ) -> None:
-        self.label = label
-        self.stopping = stopping
         self.to_child = Ring(RING_BYTES)
         self.from_child = Ring(RING_BYTES)
         fds = [self.to_child.fd, self.from_child.fd]
@@ -135,6 +146,12 @@ class WorkerProcess:
             pass_fds=fds,
             stdin=subprocess.DEVNULL,
         )
+        self.setup(op, fn, init, label, stopping)
+
+    def setup(self, op: str, fn: Any, init: Any, label: str, stopping: Callable[[], bool]) -> None:
+        """Loads a step into the worker (again, for a warm worker); stops it if that fails."""
+        self.label = label
+        self.stopping = stopping
         try:
             # The parent's sys.path, so that functions pickled by reference (from modules the
             # parent imported: a test file, a package under development) import in the child.
@@ -228,3 +245,53 @@ class WorkerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+
+
+# ---------------------------------------------------------------------------- the warm set
+
+MAX_IDLE = max(2, 2 * (os.cpu_count() or 1))
+_idle: list[WorkerProcess] = []
+_idle_lock = threading.Lock()
+
+
+def lease(op: str, fn: Any, init: Any, label: str, stopping: Callable[[], bool]) -> WorkerProcess:
+    """A worker loaded with this step: an idle one from the warm set if any is alive (a second
+    run pays no interpreter start-up), else a new one."""
+    while True:
+        with _idle_lock:
+            worker = _idle.pop() if _idle else None
+        if worker is None:
+            return WorkerProcess(op, fn, init, label, stopping)
+        if worker.proc.poll() is None:
+            worker.setup(op, fn, init, label, stopping)
+            return worker
+        worker.stop()
+
+
+def give_back(worker: WorkerProcess) -> None:
+    """Returns a worker that finished its run cleanly to the warm set (or stops it)."""
+    if worker.proc.poll() is None:
+        with _idle_lock:
+            if len(_idle) < MAX_IDLE:
+                _idle.append(worker)
+                return
+    worker.stop()
+
+
+def shutdown_idle() -> None:
+    """Stops every idle worker (at exit; tests call it to count what a run left behind)."""
+    with _idle_lock:
+        workers = _idle[:]
+        _idle.clear()
+    for worker in workers:
+        worker.stop()
+
+
+def _forget_idle_after_fork() -> None:
+    global _idle_lock
+    _idle_lock = threading.Lock()
+    _idle.clear()  # the parent's children: not ours to stop
+
+
+os.register_at_fork(after_in_child=_forget_idle_after_fork)
+atexit.register(shutdown_idle)

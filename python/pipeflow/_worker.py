@@ -1,9 +1,10 @@
 """The worker process: ``python -m pipeflow._worker IN_FD OUT_FD`` (started by ``_process``).
 
 It reads requests from the ring on IN_FD and writes replies to the ring on OUT_FD, one at a
-time: ``setup`` (the step's kind, function and init, cloudpickled) once, then ``batch`` requests,
-each answered by ``done`` (the output records) or ``error`` (the pickled exception and its
-traceback text). It exits when the parent closes its input ring, or when the parent dies.
+time: ``setup`` (the step's kind, function and init, cloudpickled), then ``batch`` requests, and
+another ``setup`` when the parent reuses this warm worker for another step. Each is answered by
+``ready``/``done`` (the output records) or ``error`` (the pickled exception and its traceback
+text). It exits when the parent closes its input ring, or when the parent dies.
 """
 
 from __future__ import annotations
@@ -40,30 +41,39 @@ def _watch_parent(parent: int) -> None:
             os._exit(70)
 
 
-def main(argv: list[str]) -> int:
+def _setup(message: tuple[Any, ...]) -> tuple[Any, Any]:
+    """Loads a step: its function and apply loop; runs its init (replacing any earlier state)."""
     from . import _engine
 
+    _, op, fn_bytes, init_bytes, parent_path = message
+    sys.path[:] = parent_path
+    fn = pickle.loads(fn_bytes)
+    init = pickle.loads(init_bytes)
+    _engine._worker_state.set(init() if init is not None else _engine._NO_STATE)
+    return fn, _engine._APPLY[op]
+
+
+def main(argv: list[str]) -> int:
     inbox, outbox = Ring.open(int(argv[0])), Ring.open(int(argv[1]))
     os.close(int(argv[0]))
     os.close(int(argv[1]))
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     slot: list[Any] = [None, 0.0]
     never = [False]  # the parent stops a worker by closing its ring, not between items
+    fn: Any = None
+    apply: Any = None
     try:
-        _, op, fn_bytes, init_bytes, parent_path = recv_message(inbox)
-        try:
-            sys.path[:] = parent_path
-            fn = pickle.loads(fn_bytes)
-            init = pickle.loads(init_bytes)
-            if init is not None:
-                _engine._worker_state.set(init())
-            apply = _engine._APPLY[op]
-        except BaseException as e:
-            send_message(outbox, _error_reply(e))
-            return 1
-        send_message(outbox, ("ready",))
         while True:
-            _, batch = recv_message(inbox)
+            message = recv_message(inbox)
+            if message[0] == "setup":  # the first request, and again when a warm worker is reused
+                try:
+                    fn, apply = _setup(message)
+                except BaseException as e:
+                    send_message(outbox, _error_reply(e))
+                    return 1
+                send_message(outbox, ("ready",))
+                continue
+            batch = message[1]
             try:
                 out, n = apply(fn, batch, slot, False, never)
             except BaseException as e:
