@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     scale = 10 if args.quick else 1
-    print("2 workers; each run includes starting its workers (cold: no warm set yet)")
+    print("2 workers; pipeflow and joblib keep warm workers between runs, the pools start theirs")
     table("W1 tiny items, f(x)=x+1", inc, list(range(200_000 // scale)), "items/s")
     table("W2 CPU-heavy, ~100 us items", spin, [100] * (20_000 // scale), "items/s")
     table("W2 CPU-heavy, ~5 ms items", spin, [5000] * (400 // scale), "items/s")
