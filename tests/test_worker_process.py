@@ -153,9 +153,11 @@ def test_a_second_run_reuses_warm_workers_with_the_new_step() -> None:
     from pipeflow import _process
 
     _process.shutdown_idle()
-    first = pf.Pipeline().stage(lambda x: os.getpid(), workers=2).run(range(50))
+    pf.Pipeline().stage(lambda x: os.getpid(), workers=2).run(range(50))
+    warm = {w.pid for w in _process._idle}
+    assert len(warm) == 2  # both workers went back to the warm set
     second = pf.Pipeline().stage(lambda x: (os.getpid(), x * 3), init=lambda: 1).run(range(4))
-    assert {pid for pid, _ in second} <= set(first)  # no new interpreter
+    assert {pid for pid, _ in second} <= warm  # no new interpreter
     assert [v for _, v in second] == [0, 3, 6, 9]  # but the new function
 
 
