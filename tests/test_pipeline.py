@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import pathlib
@@ -96,13 +97,16 @@ def test_flat_map_nested_keeps_order(kind: str) -> None:
     assert p.run(range(12)) == expected
 
 
+def _endless(pulled: Iterator[int]) -> Iterator[int]:
+    """0, 1, 2, ... without end, counting in ``pulled`` how many were read."""
+    for i in itertools.count():
+        next(pulled)
+        yield i
+
+
 def test_iter_is_lazy_on_an_endless_input(kind: str) -> None:
     pulled = itertools.count()
-
-    def source() -> Iterator[int]:
-        for i in itertools.count():
-            next(pulled)
-            yield i
+    source = functools.partial(_endless, pulled)
 
     results = pf.Pipeline(kind=kind).stage(square, workers=2).iter(source())  # type: ignore[arg-type]
     first = [next(results) for _ in range(10)]
@@ -116,11 +120,7 @@ def test_iter_is_lazy_on_an_endless_input(kind: str) -> None:
 
 def test_memory_stays_bounded_behind_a_slow_stage(kind: str) -> None:
     pulled = itertools.count()
-
-    def source() -> Iterator[int]:
-        for i in itertools.count():
-            next(pulled)
-            yield i
+    source = functools.partial(_endless, pulled)
 
     def slow(x: int) -> int:
         time.sleep(0.01)

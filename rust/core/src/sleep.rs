@@ -158,11 +158,6 @@ impl Sleep {
         self.work.notify_all();
     }
 
-    /// True once [`Sleep::shutdown`] was called.
-    pub fn is_shutdown(&self) -> bool {
-        lock(&self.state).shutdown
-    }
-
     /// Waits until no worker is alive, or `timeout` passes. Returns true if none is alive.
     pub fn wait_all_exited(&self, timeout: Duration) -> bool {
         let mut st = lock(&self.state);
