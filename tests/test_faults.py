@@ -461,12 +461,41 @@ def test_a_crash_without_retries_names_stage_item_and_exit(tmp_path: object) -> 
     assert "input item 3" in info.value.__notes__[-1]
 
 
+def _dies_at_40000(x: int) -> int:
+    import os
+
+    if x == 40_000:
+        os._exit(3)
+    return x
+
+
+def test_a_crash_deep_in_a_large_batch_names_the_exact_item() -> None:
+    # Quick items travel thousands to a batch; the worker's shared word says which it held.
+    pattern = r"exited with code 3 .* while running item \d+ of a batch of \d+"
+    with pytest.raises(pf.WorkerCrashed, match=pattern) as info:
+        pf.Pipeline().stage(_dies_at_40000, workers=2).run(range(60_000))
+    assert "on input item 40000" in info.value.__notes__[-1]
+
+
+def test_a_crash_deep_in_a_large_batch_is_retried(tmp_path: object) -> None:
+    items = [(x, str(tmp_path)) for x in range(30_000)]
+    items[20_000] = (3, str(tmp_path))  # _dies_once kills the worker at its first 3
+    got = pf.Pipeline().stage(_dies_once, workers=2, retries=1).run(items)
+    assert got == [x for x, _ in items]
+
+
 def test_unpicklable_items_and_results_are_reported(kind: str) -> None:
     if kind == "thread":
         pytest.skip("threads do not pickle")
+    items: list[object] = list(range(5000))
+    items[3000] = threading.Lock()
     with pytest.raises(TypeError) as info:
-        pf.Pipeline().stage(abs).run([1, threading.Lock()])
-    assert "could not be pickled" in "".join(info.value.__notes__)
+        pf.Pipeline().stage(abs).run(items)
+    notes = "".join(info.value.__notes__)
+    assert "could not be pickled" in notes
+    assert "input item 3000" in notes
     with pytest.raises(TypeError) as info:
-        pf.Pipeline().stage(lambda x: threading.Lock()).run([1])
-    assert "result of this batch could not be pickled" in "".join(info.value.__notes__)
+        pf.Pipeline().stage(lambda x: threading.Lock() if x == 4000 else x).run(range(5000))
+    notes = "".join(info.value.__notes__)
+    assert "result of this batch could not be pickled" in notes
+    assert "input item 4000" in notes

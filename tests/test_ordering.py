@@ -7,14 +7,23 @@ import random
 import pytest
 
 from pipeflow._engine import _apply_map_fast
-from pipeflow._ordering import SKIP, Reorderer, child_key
+from pipeflow._ordering import SKIP, Batch, Reorderer, child_key
+
+
+def batch(records: list[tuple[object, object]]) -> Batch:
+    """A batch from ``(key, value)`` records (keys as a run when they are one)."""
+    keys = [k for k, _ in records]
+    first = keys[0]
+    if all(type(k) is int for k in keys) and keys == list(range(first, first + len(keys))):  # type: ignore[call-overload,operator]
+        return Batch(first, [v for _, v in records])  # type: ignore[arg-type]
+    return Batch(keys, [v for _, v in records])  # type: ignore[arg-type]
 
 
 def run(ordered: bool, batches: list[list[tuple[object, object]]]) -> tuple[list[object], int]:
     r = Reorderer(ordered)
     out: list[object] = []
     for b in batches:
-        r.push_batch(b, out)
+        r.push_batch(batch(b), out)
     return out, r.completed
 
 
@@ -58,11 +67,11 @@ def test_unordered_releases_at_once_and_counts_completed_splits() -> None:
     ]
     r = Reorderer(False)
     out: list[object] = []
-    r.push_batch(batches[0], out)
+    r.push_batch(batch(batches[0]), out)
     assert (out, r.completed) == (["x1"], 0)
-    r.push_batch(batches[1], out)
+    r.push_batch(batch(batches[1]), out)
     assert (out, r.completed) == (["x1", "y"], 2)
-    r.push_batch(batches[2], out)
+    r.push_batch(batch(batches[2]), out)
     assert (out, r.completed) == (["x1", "y", "x0"], 3)
     assert r.buffered == 0
 
@@ -74,11 +83,20 @@ def test_map_fast_path_names_the_failing_item() -> None:
         return x
 
     slot: list[object] = [None, 0.0]
-    batch = [(100 + i, i) for i in range(10)]
+    b = Batch(100, list(range(10)))
     with pytest.raises(ValueError):
-        _apply_map_fast(fail_on_6, batch, slot, False, [False])
-    assert slot[0] == 106
-    assert _apply_map_fast(abs, batch[:3], slot, False, [False]) == (
-        [(100, 0), (101, 1), (102, 2)],
+        _apply_map_fast(fail_on_6, b, slot, False, [False])
+    assert slot[0] == 6
+    assert b.key(6) == 106
+    assert _apply_map_fast(abs, Batch(100, [0, -1, 2]), slot, False, [False]) == (
+        Batch(100, [0, 1, 2]),
         3,
     )
+
+
+def test_batch_pieces_keep_their_keys() -> None:
+    run_ = Batch(10, list("abcde"))
+    assert run_.piece(1, 3) == Batch(11, ["b", "c"])
+    split = Batch([0, child_key(1, 0, 2), child_key(1, 1, 2)], ["a", "b0", "b1"])
+    assert split.piece(1, 3) == Batch([(1, 0, 2), (1, 1, 2)], ["b0", "b1"])
+    assert split.key(2) == (1, 1, 2)

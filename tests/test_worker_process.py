@@ -15,11 +15,12 @@ import pytest
 
 import pipeflow as pf
 from pipeflow._core import Ring
+from pipeflow._ordering import Batch
 from pipeflow._process import RemoteTraceback, WorkerProcess, recv_message, send_message
 
 
-def records(values: list[object]) -> list[tuple[int, object]]:
-    return list(enumerate(values))
+def records(values: list[object]) -> Batch:
+    return Batch(0, values)
 
 
 def test_messages_larger_than_a_frame_are_split() -> None:
@@ -41,7 +42,7 @@ def test_a_lambda_runs_in_a_worker_process() -> None:
     w = WorkerProcess("map", lambda x: x + offset, None, "stage 0 ('add')")
     try:
         slot: list[object] = [None, 0.0]
-        assert w.run_batch(records([1, 2, 3]), None, slot) == ([(0, 11), (1, 12), (2, 13)], 3)
+        assert w.run_batch(records([1, 2, 3]), None, slot) == (Batch(0, [11, 12, 13]), 3)
         assert w.pid != os.getpid()
     finally:
         w.stop()
@@ -50,7 +51,7 @@ def test_a_lambda_runs_in_a_worker_process() -> None:
 def test_init_state_is_reachable_in_the_worker() -> None:
     w = WorkerProcess("map", lambda x: (x, pf.worker_state()), lambda: "model", "s")
     try:
-        assert w.run_batch(records([5]), None, [None, 0.0])[0] == [(0, (5, "model"))]
+        assert w.run_batch(records([5]), None, [None, 0.0])[0] == Batch(0, [(5, "model")])
     finally:
         w.stop()
 
@@ -70,7 +71,7 @@ def test_an_exception_comes_back_with_type_key_and_remote_traceback() -> None:
         assert isinstance(info.value.__cause__, RemoteTraceback)
         assert "boom" in info.value.__cause__.text
         # The worker goes on after an exception.
-        assert w.run_batch(records([7]), None, slot)[0] == [(0, 7)]
+        assert w.run_batch(records([7]), None, slot)[0] == Batch(0, [7])
     finally:
         w.stop()
 
@@ -102,10 +103,13 @@ def test_a_dying_worker_is_reported_not_a_hang(code: str, expected: str) -> None
 
     w = WorkerProcess("map", die, None, "stage 2 ('die')")
     t0 = time.monotonic()
+    slot: list[object] = [None, 0.0]
     try:
         with pytest.raises(pf.WorkerCrashed, match=expected) as info:
-            w.run_batch(records([0, 1, 2]), None, [None, 0.0])
+            w.run_batch(records([0, 1, 2]), None, slot)
         assert "stage 2 ('die')" in str(info.value)
+        assert "while running item 2 of a batch of 3" in str(info.value)
+        assert slot[0] == 1  # the parent knows which item the worker held
         assert time.monotonic() - t0 < 1.0
     finally:
         w.stop()

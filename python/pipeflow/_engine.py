@@ -8,9 +8,10 @@
               │  └──────────── window 0 ──────── groups ◄─ window 1 ──────────────── yields
               └ reads the input lazily
 
-Every arrow is a bounded ``pipeflow.Channel`` of *batches*: lists of ``(key, value)`` records
-(keys in ``_ordering``). A batch is sized for the step that receives it, from that step's measured
-time per item, so tiny items travel ~1000 to a batch and slow ones one at a time. The feeder and
+Every arrow is a bounded ``pipeflow.Channel`` of *batches* (:class:`~pipeflow._ordering.Batch`:
+a column of keys, usually just the first of a run, and a list of values). A batch is sized for
+the step that receives it, from that step's measured time per item, so tiny items travel
+thousands to a batch and slow ones one at a time. The feeder and
 each batch step are the *source* of a segment; the next batch step or the caller is its
 *reorder point*, and a :class:`~pipeflow._ordering.Window` between them bounds what is in flight.
 
@@ -28,30 +29,31 @@ import contextvars
 import itertools
 import operator
 import threading
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Generator, Iterator
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import _pool
 from ._context import Context, _current, current_context
 from ._core import Channel
-from ._errors import ChannelClosed
-from ._ordering import SKIP, Key, Reorderer, Window, child_key
+from ._errors import ChannelClosed, WorkerCrashed
+from ._ordering import SKIP, Batch, Key, Reorderer, Window, child_key
 from ._pool import default_pool
+from ._process import QUEUE_BYTES, Stopped, WorkerProcess, give_back, lease
 from .pipeline import Step
-
-if TYPE_CHECKING:
-    from ._process import WorkerProcess
 
 __all__ = ["Run", "worker_state"]
 
-MAX_CHUNK = 1024  # the most records in one batch
+MAX_CHUNK = 8192  # the most items in one batch
 CHUNK_SECONDS = 0.002  # aim for batches that take a worker about this long
 SOURCE_HOLD = 0.005  # the feeder sends a partial batch once its first item waited this long
-SOURCE_PIECE = 64  # the most items the feeder pulls between two looks at the clock
+SOURCE_PIECE = 1024  # the most items the feeder pulls between two looks at the clock
 SUPERVISE_EVERY = 0.1
 ABANDON_GRACE = 0.1  # after Ctrl-C or a deadline, how long to wait for items in hand
 WINDOW_BATCHES = 4  # in-flight bound, in batches per worker and queue slot
+PROCESS_DEPTH = 2  # batches queued in a worker process: one running, one waiting
+QUEUE_SECONDS = 0.01  # how long a batch may wait behind another in a worker process
 
 _worker_state: contextvars.ContextVar[Any] = contextvars.ContextVar("pipeflow_worker_state")
 _NO_STATE = object()
@@ -85,14 +87,16 @@ class _StepState:
         self.index = index
         self.segment = segment
         self.seconds_per_item: float | None = None
+        self._seconds = 0.0  # decayed sums of measured batches (see measure)
+        self._items = 0.0
         self.workers_left = step.workers
-        # Per worker: [key of the item in hand or None, when it started].
-        self.slots: list[list[Any]] = [[None, 0.0] for _ in range(step.workers)]
+        # Per worker: [index in its batch of the item in hand or None, when it started, batch].
+        self.slots: list[list[Any]] = [[None, 0.0, None] for _ in range(step.workers)]
         self.task_ids: list[int] = []
-        self.may_skip = False  # can a batch for this step hold SKIP records?
+        self.may_skip = False  # can a batch for this step hold SKIP values?
 
     def chunk(self) -> int:
-        """How many records a batch for this step should hold."""
+        """How many items a batch for this step should hold."""
         if self.step.op == "batch":
             return MAX_CHUNK
         if self.step.kind == "process" and self.step.timeout is not None:
@@ -102,11 +106,20 @@ class _StepState:
             return 1
         return max(1, min(MAX_CHUNK, int(CHUNK_SECONDS / max(spi, 1e-9))))
 
+    def quick(self) -> bool:
+        """Whether a batch for this step is known to take at most ``QUEUE_SECONDS``: then one
+        may wait behind another in a worker process (it waits that long at most)."""
+        spi = self.seconds_per_item
+        return spi is not None and spi * self.chunk() <= QUEUE_SECONDS
+
     def measure(self, seconds: float, items: int) -> None:
+        """Takes the time a batch of ``items`` took. The estimate is a ratio of decayed sums, so
+        a large batch weighs more than a small one (whose time is mostly per-batch overhead):
+        the batch size ramps from 1 to its best in a few batches, and a slowdown shows at once."""
         if items:
-            spi = seconds / items
-            old = self.seconds_per_item
-            self.seconds_per_item = spi if old is None else 0.7 * old + 0.3 * spi
+            self._seconds = 0.5 * self._seconds + seconds
+            self._items = 0.5 * self._items + items
+            self.seconds_per_item = self._seconds / self._items
 
 
 class Run:
@@ -133,7 +146,7 @@ class Run:
         self.ctx = Context(timeout=timeout, parent=context or current_context())
         self.states: list[_StepState] = []
         segment = 0
-        skips = False  # a filter or flat_map earlier in the segment leaves SKIP records
+        skips = False  # a filter or flat_map earlier in the segment leaves SKIP values
         for i, step in enumerate(steps):
             st = _StepState(step, i, segment)
             st.may_skip = skips
@@ -156,6 +169,7 @@ class Run:
         self._ids = itertools.count()
         self._feeder_id = -1
         self._in_source = False  # the feeder is inside the input's next()
+        self._runners: list[_ProcessRunner] = []  # to wake at a stop
 
     # ----------------------------------------------------------------- set-up and tear-down
 
@@ -169,6 +183,10 @@ class Run:
         slots = max(1, sum(s.step.workers + s.step.capacity for s in steps))
         first = steps[0] if steps else None
         return lambda: WINDOW_BATCHES * slots * (first.chunk() if first else MAX_CHUNK)
+
+    def _segment_may_skip(self, segment: int) -> bool:
+        """Whether values reaching the reorder point ending ``segment`` can be SKIP."""
+        return any(s.step.op in ("filter", "flat_map") for s in self.states if s.segment == segment)
 
     def _segment_ordered(self, segment: int) -> bool:
         """Whether the reorder point ending ``segment`` restores input order."""
@@ -187,6 +205,10 @@ class Run:
             ch.close()
         for w in self.windows:
             w.wake()
+        with self._lock:
+            runners = self._runners[:]
+        for runner in runners:
+            runner.interrupt()
 
     def _start(self) -> None:
         self.ctx._on_cancel(self._abort)
@@ -254,6 +276,14 @@ class Run:
         error.add_note(f"pipeflow: raised in {where}")
         self.ctx.cancel(f"{where} raised {type(error).__name__}: {error}")
 
+    @staticmethod
+    def _slot_key(slot: list[Any]) -> Key | None:
+        """The key of the item a worker holds (``slot``: index, start time, batch)."""
+        index, batch = slot[0], slot[2]
+        if index is None or batch is None or not 0 <= index < len(batch):
+            return None
+        return batch.key(index)  # type: ignore[no-any-return]
+
     def _where(self, st: _StepState, worker: int, key: Key | None) -> str:
         step = st.step
         text = f"stage {st.index} ({step.name!r}, {step.kind} worker {worker})"
@@ -273,17 +303,18 @@ class Run:
 
     # ----------------------------------------------------------------- sending
 
-    def _send_chunks(self, index: int, records: list[Any]) -> bool:
-        """Sends ``records`` into ``channels[index]`` in batches sized for its step."""
+    def _send_chunks(self, index: int, batch: Batch) -> bool:
+        """Sends ``batch`` into ``channels[index]`` in pieces sized for its step."""
         ch = self.channels[index]
         size = self.states[index].chunk() if index < len(self.states) else MAX_CHUNK
+        n = len(batch.values)
         try:
-            if len(records) <= size:
-                if records:
-                    ch.send(records)
+            if n <= size:
+                if n:
+                    ch.send(batch)
             else:
-                for k in range(0, len(records), size):
-                    ch.send(records[k : k + size])
+                for k in range(0, n, size):
+                    ch.send(batch.piece(k, k + size))
         except ChannelClosed:
             return False
         return True
@@ -304,35 +335,37 @@ class Run:
         """
         window = self.windows[0]
         first = self.states[0] if self.states else None
-        numbered = enumerate(self.source)
+        source = self.source
         cap = 1
-        pulled = 0
+        pulled = 0  # items read so far: the key of the next one
         exhausted = False
         try:
             while not (exhausted or self._stopped):
                 want = first.chunk() if first else MAX_CHUNK
-                batch: list[Any] = []
+                start = pulled
+                values: list[Any] = []
                 t0 = perf_counter()
-                while len(batch) < want and not self._stopped:
-                    piece = min(want - len(batch), cap, SOURCE_PIECE)
-                    before = len(batch)
+                while len(values) < want and not self._stopped:
+                    piece = min(want - len(values), cap, SOURCE_PIECE)
+                    before = len(values)
                     self._in_source = True
                     try:
-                        batch.extend(itertools.islice(numbered, piece))
+                        values.extend(itertools.islice(source, piece))
                     finally:  # what extend appended stays, also when next() raised mid-way
                         self._in_source = False
-                        pulled = batch[-1][0] + 1 if batch else pulled
+                        pulled = start + len(values)
                     elapsed = perf_counter() - t0
-                    if len(batch) - before < piece:
+                    if len(values) - before < piece:
                         exhausted = True
                         break
                     fast = elapsed < SOURCE_HOLD / 2
                     cap = min(MAX_CHUNK, 2 * cap) if fast else max(1, cap // 2)
                     if elapsed >= SOURCE_HOLD:
                         break
-                if not batch:
+                if not values:
                     break
-                if not window.acquire(len(batch)) or not self._send_chunks(0, batch):
+                batch = Batch(start, values)
+                if not window.acquire(len(values)) or not self._send_chunks(0, batch):
                     return
         except BaseException as e:
             if not self._stopped:
@@ -342,32 +375,84 @@ class Run:
 
     def _work(self, st: _StepState, worker: int) -> None:
         """One worker of a map, filter or flat_map step: a thread, or the proxy of a process."""
-        step = st.step
         slot = st.slots[worker]
-        inq = self.channels[st.index]
-        runner: _Runner | None = None
+        runner: _ThreadRunner | _ProcessRunner | None = None
         try:
-            if step.kind == "process":
+            if st.step.kind == "process":
                 runner = _ProcessRunner(st, self._where(st, worker, None), self._stopping)
+                with self._lock:
+                    self._runners.append(runner)
+                runner.start()
+                self._work_process(st, runner, slot)
             else:
                 runner = _ThreadRunner(st, self._stop_flag)
-            for batch in inq:
-                if self._stopped:
-                    break
-                t0 = perf_counter()
-                out, n = runner.run(batch, slot)
-                slot[0] = None
-                st.measure(perf_counter() - t0, n)
-                if not self._send_chunks(st.index + 1, out):
-                    break
+                self._work_thread(st, runner, slot)
         except BaseException as e:
             if not self._stopped:  # after a stop, errors are side effects of the stop
-                self._fail(e, self._where(st, worker, slot[0]))
+                self._fail(e, self._where(st, worker, self._slot_key(slot)))
         finally:
-            slot[0] = None
+            slot[0] = slot[2] = None
             if runner is not None:
                 runner.close()
             self._worker_done(st)
+
+    def _work_thread(self, st: _StepState, runner: _ThreadRunner, slot: list[Any]) -> None:
+        for batch in self.channels[st.index]:
+            if self._stopped:
+                break
+            t0 = perf_counter()
+            slot[2] = batch
+            out, n = runner.run(batch, slot)
+            slot[0] = None
+            st.measure(perf_counter() - t0, n)
+            if not self._send_chunks(st.index + 1, out):
+                break
+
+    def _work_process(self, st: _StepState, runner: _ProcessRunner, slot: list[Any]) -> None:
+        """The proxy's loop. Over quick batches (see :meth:`_StepState.quick`), it keeps up to
+        ``PROCESS_DEPTH`` batches queued in the worker, so that the worker never waits for the
+        parent between batches. Slow batches go one at a time: one queued behind a slow item
+        would wait while another worker may be free. A batch too large to queue behind another
+        waits for the worker to be free (the ring must have room for it: see
+        ``_process.QUEUE_BYTES``), and with a per-item ``timeout``, batches go one at a time (a
+        batch's clock starts when it is sent)."""
+        inq = self.channels[st.index]
+        queue = st.step.timeout is None
+        pending: deque[_Pending] = deque()
+        held: _Pending | None = None  # read, not yet sent
+        closed = False
+        last = perf_counter()  # when the worker last finished a batch
+        while not self._stopped:
+            depth = PROCESS_DEPTH if queue and st.quick() else 1
+            if held is None and not closed and len(pending) < depth:
+                try:
+                    if pending:
+                        _, batch = inq.try_recv()
+                    else:
+                        batch = inq.recv()
+                except ChannelClosed:
+                    closed, batch = True, None
+                if batch is not None:
+                    slot[2] = batch
+                    held = _Pending(batch, runner.encode(batch, slot))
+            if held is not None and (not pending or len(held.request) <= QUEUE_BYTES):
+                runner.send(held.request)
+                held.sent = perf_counter()
+                pending.append(held)
+                held = None
+                continue
+            if not pending:
+                return  # the input is closed and drained, and nothing is in flight
+            first = pending[0]
+            slot[2] = first.batch
+            out, n = runner.receive(pending, slot)
+            pending.popleft()
+            now = perf_counter()
+            st.measure(now - max(first.sent, last), n)
+            last = now
+            slot[0] = None
+            if not self._send_chunks(st.index + 1, out):
+                return
 
     def _worker_done(self, st: _StepState) -> None:
         with self._lock:
@@ -379,8 +464,9 @@ class Run:
     def _batcher(self, st: _StepState) -> None:
         """A batch step: puts its segment back in order, groups, numbers the groups anew."""
         size = st.step.size
-        reorder = Reorderer(self._segment_ordered(st.segment))
-        window_in, window_out = self.windows[st.segment], self.windows[st.segment + 1]
+        segment = st.segment
+        reorder = Reorderer(self._segment_ordered(segment), self._segment_may_skip(segment))
+        window_in, window_out = self.windows[segment], self.windows[segment + 1]
         group: list[Any] = []
         seq = 0
         released: list[Any] = []
@@ -390,20 +476,22 @@ class Run:
                     break
                 reorder.push_batch(batch, released)
                 window_in.completed_to(reorder.completed)
-                out = []
+                groups = []
                 for value in released:
                     group.append(value)
                     if len(group) == size:
-                        out.append((seq, group))
-                        seq, group = seq + 1, []
+                        groups.append(group)
+                        group = []
                 released.clear()
-                if out and not (
-                    window_out.acquire(len(out)) and self._send_chunks(st.index + 1, out)
-                ):
-                    break
+                if groups:
+                    out = Batch(seq, groups)
+                    seq += len(groups)
+                    sent = window_out.acquire(len(groups)) and self._send_chunks(st.index + 1, out)
+                    if not sent:
+                        break
             else:
                 if group and window_out.acquire(1):
-                    self._send_chunks(st.index + 1, [(seq, group)])
+                    self._send_chunks(st.index + 1, Batch(seq, [group]))
         except BaseException as e:
             self._fail(e, self._where(st, 0, None))
         finally:
@@ -413,8 +501,25 @@ class Run:
 
     def results(self) -> Iterator[Any]:
         """Starts the run and yields its results; stops and cleans up however it is left."""
+        released = self._released()
+        try:
+            for values in released:
+                yield from values
+        finally:
+            released.close()
+
+    def collect(self) -> list[Any]:
+        """Starts the run and returns every result (a list built a batch at a time)."""
+        out: list[Any] = []
+        for values in self._released():
+            out.extend(values)
+        return out
+
+    def _released(self) -> Generator[list[Any], None, None]:
+        """Starts the run and yields the results as the final reorder point releases them, a
+        list at a time; stops and cleans up however it is left."""
         segment = len(self.windows) - 1
-        reorder = Reorderer(self._segment_ordered(segment))
+        reorder = Reorderer(self._segment_ordered(segment), self._segment_may_skip(segment))
         window = self.windows[segment]
         out_ch = self.channels[-1]
         bar = _progress_bar(self.total) if self.progress else None
@@ -423,7 +528,6 @@ class Run:
         try:
             self._start()
             next_check = perf_counter() + SUPERVISE_EVERY
-            released: list[Any] = []
             while True:
                 try:
                     batch = out_ch.recv(timeout=SUPERVISE_EVERY)
@@ -438,13 +542,13 @@ class Run:
                     continue
                 if self._stopped:
                     break
+                released: list[Any] = []
                 reorder.push_batch(batch, released)
                 window.completed_to(reorder.completed)
                 if bar is not None:
                     bar.update(self.windows[0]._completed - bar.n)
                 if released:
-                    yield from released
-                    released.clear()
+                    yield released
             finished = True
         except KeyboardInterrupt:
             interrupted = True
@@ -472,8 +576,9 @@ class Run:
             limit = st.step.timeout
             if limit is None or st.step.kind == "process":  # its proxy times it
                 continue
-            for w, (key, started) in enumerate(st.slots):
-                if key is not None and now - started > limit:
+            for w, slot in enumerate(st.slots):
+                key = self._slot_key(slot)
+                if key is not None and now - slot[1] > limit:
                     with self._tasks_cond:
                         self._abandoned.add(st.task_ids[w])
                     self._fail(
@@ -486,82 +591,96 @@ class Run:
                     return
 
 
+# The steps' loops over a batch. Each returns the output batch and how many items it ran, and
+# keeps ``slot[0]`` at the index of the item in hand (``slot[1]``: since when, if ``timed``), so
+# an error, a crash or a timeout names its item. A stop (``stop[0]``) lands between items.
+
+
 def _apply_map(
-    fn: Callable[[Any], Any], batch: list[Any], slot: list[Any], timed: bool, stop: list[bool]
-) -> tuple[list[Any], int]:
+    fn: Callable[[Any], Any], batch: Batch, slot: Any, timed: bool, stop: list[bool]
+) -> tuple[Batch, int]:
     out = []
     n = 0
-    for key, value in batch:
+    for i, value in enumerate(batch.values):
         if stop[0]:
             break
         if value is SKIP:
-            out.append((key, SKIP))
+            out.append(SKIP)
             continue
-        slot[0] = key
+        slot[0] = i
         if timed:
             slot[1] = perf_counter()
-        out.append((key, fn(value)))
+        out.append(fn(value))
         n += 1
-    return out, n
+    return Batch(batch.keys, out), n
 
 
 def _apply_map_fast(
-    fn: Callable[[Any], Any], batch: list[Any], slot: list[Any], timed: bool, stop: list[bool]
-) -> tuple[list[Any], int]:
-    """``_apply_map`` for a batch with no SKIP record and no per-item timeout to watch: a list
+    fn: Callable[[Any], Any], batch: Batch, slot: Any, timed: bool, stop: list[bool]
+) -> tuple[Batch, int]:
+    """``_apply_map`` for a batch with no SKIP value and no per-item timeout to watch: a list
     comprehension; on an exception the list iterator's position names the failing item."""
-    records = iter(batch)
+    values = batch.values
+    items = iter(values)
     try:
-        out = [(key, fn(value)) for key, value in records if not stop[0]]
+        out = [fn(value) for value in items if not stop[0]]
     except BaseException:
-        slot[0] = batch[len(batch) - operator.length_hint(records) - 1][0]
+        slot[0] = len(values) - operator.length_hint(items) - 1
         raise
-    return out, len(batch)
+    return Batch(batch.keys, out), len(out)
 
 
 def _apply_filter(
-    fn: Callable[[Any], Any], batch: list[Any], slot: list[Any], timed: bool, stop: list[bool]
-) -> tuple[list[Any], int]:
+    fn: Callable[[Any], Any], batch: Batch, slot: Any, timed: bool, stop: list[bool]
+) -> tuple[Batch, int]:
     out = []
     n = 0
-    for key, value in batch:
+    for i, value in enumerate(batch.values):
         if stop[0]:
             break
         if value is not SKIP:
-            slot[0] = key
+            slot[0] = i
             if timed:
                 slot[1] = perf_counter()
             if not fn(value):
                 value = SKIP
             n += 1
-        out.append((key, value))
-    return out, n
+        out.append(value)
+    return Batch(batch.keys, out), n
 
 
 def _apply_flat_map(
-    fn: Callable[[Any], Any], batch: list[Any], slot: list[Any], timed: bool, stop: list[bool]
-) -> tuple[list[Any], int]:
+    fn: Callable[[Any], Any], batch: Batch, slot: Any, timed: bool, stop: list[bool]
+) -> tuple[Batch, int]:
+    keys: list[Key] = []
     out: list[Any] = []
+    split = False  # did an item give two or more values (so the keys are no longer a run)?
     n = 0
-    for key, value in batch:
+    for i, value in enumerate(batch.values):
         if stop[0]:
             break
+        key = batch.key(i)
         if value is SKIP:
-            out.append((key, SKIP))
+            keys.append(key)
+            out.append(SKIP)
             continue
-        slot[0] = key
+        slot[0] = i
         if timed:
             slot[1] = perf_counter()
         values = list(fn(value))
         n += 1
         if len(values) == 1:
-            out.append((key, values[0]))
+            keys.append(key)
+            out.append(values[0])
         elif not values:
-            out.append((key, SKIP))
+            keys.append(key)
+            out.append(SKIP)
         else:
+            split = True
             count = len(values)
-            out.extend((child_key(key, i, count), v) for i, v in enumerate(values))
-    return out, n
+            keys.extend(child_key(key, j, count) for j in range(count))
+            out.extend(values)
+    return Batch(keys if split else batch.keys, out), n
 
 
 _APPLY = {"map": _apply_map, "filter": _apply_filter, "flat_map": _apply_flat_map}
@@ -596,17 +715,9 @@ def _step_function(step: Step) -> Callable[[Any], Any]:
     return Retrying(step.fn, step.retries) if step.retries else step.fn
 
 
-class _Runner:
-    """Runs a step's function over batches: in this thread, or in a worker process."""
+class _ThreadRunner:
+    """Runs a thread step's function over batches, in the calling thread."""
 
-    def run(self, batch: list[Any], slot: list[Any]) -> tuple[list[Any], int]:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Releases what the runner holds (a worker process)."""
-
-
-class _ThreadRunner(_Runner):
     def __init__(self, st: _StepState, stop: list[bool]) -> None:
         step = st.step
         # A stage without init has no state, whatever the caller's context carried.
@@ -618,46 +729,109 @@ class _ThreadRunner(_Runner):
         self.timed = step.timeout is not None
         self.stop = stop
 
-    def run(self, batch: list[Any], slot: list[Any]) -> tuple[list[Any], int]:
+    def run(self, batch: Batch, slot: list[Any]) -> tuple[Batch, int]:
         return self.apply(self.fn, batch, slot, self.timed, self.stop)
 
+    def close(self) -> None:
+        pass
 
-class _ProcessRunner(_Runner):
+
+class _Pending:
+    """A batch on its way to a worker process: its encoded request, and when it was sent."""
+
+    __slots__ = ("batch", "request", "sent")
+
+    def __init__(self, batch: Batch, request: bytes) -> None:
+        self.batch = batch
+        self.request = request
+        self.sent = 0.0
+
+
+class _ProcessRunner:
     """The proxy of one worker process. A worker that dies, or holds a batch past the step's
-    ``timeout`` (batches are single items then), is replaced and the batch re-run, up to
-    ``retries`` times; then the run fails with ``WorkerCrashed`` or ``TimeoutError``."""
+    ``timeout`` (batches are single items then), is replaced and the batches it had are sent
+    again, up to ``retries`` times; then the run fails with ``WorkerCrashed`` or
+    ``TimeoutError``."""
 
     def __init__(self, st: _StepState, label: str, stopping: Callable[[], bool]) -> None:
         self.st = st
         self.label = label
         self.stopping = stopping
-        self.worker = self._start()
+        self.busy = 0  # requests the worker has not answered
+        self._worker: WorkerProcess | None = None
+        self._starting: WorkerProcess | None = None
+
+    @property
+    def worker(self) -> WorkerProcess:
+        assert self._worker is not None, "start() first"
+        return self._worker
+
+    def start(self) -> None:
+        """Gets a worker (:meth:`interrupt` stops a start in progress)."""
+        self._worker = self._start()
 
     def _start(self) -> WorkerProcess:
-        from ._process import lease
-
         step = self.st.step
-        return lease(step.op, _step_function(step), step.init, self.label, self.stopping)
+        try:
+            return lease(
+                step.op, _step_function(step), step.init, self.label, self.stopping, self._attach
+            )
+        finally:
+            self._starting = None
 
-    def run(self, batch: list[Any], slot: list[Any]) -> tuple[list[Any], int]:
-        from ._errors import WorkerCrashed
+    def _attach(self, worker: WorkerProcess) -> None:
+        self._starting = worker
+        if self.stopping():  # a stop that came before: interrupt() did not see this worker
+            worker.interrupt()
 
+    encode = staticmethod(WorkerProcess.encode)
+
+    def send(self, request: bytes) -> None:
+        self.busy += 1
+        self.worker.send(request)
+
+    def receive(self, pending: deque[_Pending], slot: list[Any]) -> tuple[Batch, int]:
+        """The output of the oldest batch in flight, ``pending[0]``."""
         attempt = 0
         while True:
             try:
-                return self.worker.run_batch(batch, self.st.step.timeout, slot)
+                out = self.worker.receive(pending[0].batch, self.st.step.timeout, slot)
             except (WorkerCrashed, TimeoutError):
                 if attempt >= self.st.step.retries or self.stopping():
                     raise
                 attempt += 1
                 self.worker.stop()
-                self.worker = self._start()
+                self._worker = None
+                self._worker = self._start()
+                self.busy = 0
+                for p in pending:
+                    self.send(p.request)
+                continue
+            except Stopped:
+                raise
+            except BaseException:
+                self.busy -= 1  # an exception in the step: the worker answered, and goes on
+                raise
+            self.busy -= 1
+            return out
+
+    def interrupt(self) -> None:
+        """At a stop: wakes this proxy at once if it waits for its worker, which then is killed
+        (it may hold a long item, or be starting)."""
+        starting = self._starting
+        if starting is not None:
+            starting.interrupt()
+        elif self.busy:
+            self.worker.interrupt()
 
     def close(self) -> None:
-        from ._process import give_back
-
-        if self.stopping():
-            self.worker.stop()  # a stopped run may have left the worker mid-batch
+        """Returns an idle worker to the warm set, also after a stop (an exception in a step
+        leaves its worker idle and sound); kills one a stop left holding a batch."""
+        if self._worker is None:
+            return  # it did not start
+        if self.busy:
+            self.worker.kill()
+            self.worker.stop()
         else:
             give_back(self.worker)
 

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["SKIP", "Reorderer", "Window", "child_key"]
+__all__ = ["SKIP", "Batch", "Reorderer", "Window", "child_key"]
 
 
 class _Skip:
@@ -44,6 +44,48 @@ def child_key(key: Key, i: int, n: int) -> tuple[int, ...]:
     return (key, i, n) if isinstance(key, int) else (*key, i, n)
 
 
+class Batch:
+    """Items travelling together, as two columns: ``keys`` and ``values``.
+
+    ``keys`` is an int ``k`` for the run of plain keys ``k, k+1, ...`` (the common case: the
+    source numbers consecutive items into a batch, and map and filter keep keys), or a list of
+    keys once a flat_map split an item. Steps work on the ``values`` list alone, at C speed where
+    they can, and a process stage pickles the list without a tuple per item.
+    """
+
+    __slots__ = ("keys", "values")
+
+    def __init__(self, keys: int | list[Key], values: list[Any]) -> None:
+        self.keys = keys
+        self.values = values
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Batch, (self.keys, self.values))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Batch):
+            return NotImplemented
+        return self.keys == other.keys and self.values == other.values
+
+    def __repr__(self) -> str:
+        return f"Batch({self.keys!r}, {self.values!r})"
+
+    def key(self, i: int) -> Key:
+        """The key of value ``i``."""
+        keys = self.keys
+        return keys + i if isinstance(keys, int) else keys[i]
+
+    def piece(self, start: int, stop: int) -> Batch:
+        """Values ``start:stop``, with their keys."""
+        keys = self.keys
+        if isinstance(keys, int):
+            return Batch(keys + start, self.values[start:stop])
+        return Batch(keys[start:stop], self.values[start:stop])
+
+
 class _Split:
     """A key split into ``n`` children: those arrived so far, and how far release has got."""
 
@@ -59,40 +101,46 @@ class _Split:
 class Reorderer:
     """Releases values in key order (``ordered``) or as they come, and counts completed keys.
 
-    Batches are contiguous in key order (the source numbers consecutive items into a batch,
-    every step keeps a batch's order and emits a record for every key, and re-chunking cuts a
-    batch into contiguous slices). So a batch whose first and last keys are ints ``a`` and
-    ``b`` with ``b - a == len(batch) - 1`` is the run ``a..b`` of plain keys: :meth:`push_batch`
-    moves such runs whole, which is the common case, at C speed.
+    A batch whose keys are a run (see :class:`Batch`) moves whole, at C speed: released at once
+    when it is next in order, else held until it is. ``may_skip`` says whether values can be
+    :data:`SKIP` (a filter or flat_map ran), which then are dropped on release.
     """
 
-    def __init__(self, ordered: bool) -> None:
+    def __init__(self, ordered: bool, may_skip: bool = True) -> None:
         self.ordered = ordered
+        self.may_skip = may_skip
         self.completed = 0  # top-level keys complete (ordered: also the next key to release)
         self._top: dict[int, Any] = {}
-        self._runs: dict[int, list[Any]] = {}  # ordered: first key -> a whole run, held back
+        self._runs: dict[int, list[Any]] = {}  # ordered: first key -> a run's values, held back
 
     @property
     def buffered(self) -> int:
         """Top-level keys (or runs of them) held back, waiting for an earlier one."""
         return len(self._top) + len(self._runs)
 
-    def push_batch(self, batch: list[Any], out: list[Any]) -> None:
-        """Takes a batch of records; appends every value it releases to ``out``."""
-        first, last = batch[0][0], batch[-1][0]
-        if type(first) is int and type(last) is int and last - first == len(batch) - 1:
+    def push_batch(self, batch: Batch, out: list[Any]) -> None:
+        """Takes a batch; appends every value it releases to ``out``."""
+        first, values = batch.keys, batch.values
+        if isinstance(first, int):
             if not self.ordered or (first == self.completed and not self._top):
-                out.extend([v for _, v in batch if v is not SKIP])
-                self.completed += len(batch)
-                if self.ordered and self._runs:
+                self._extend(out, values)
+                self.completed += len(values)
+                if self._runs:
                     self._release(out)
             else:
-                self._runs[first] = batch
+                self._runs[first] = values
                 if first == self.completed:
                     self._release(out)
             return
-        for key, value in batch:
+        # Not strict: a batch cut short by a stop has fewer values than keys.
+        for key, value in zip(first, values, strict=False):
             self.push(key, value, out)
+
+    def _extend(self, out: list[Any], values: list[Any]) -> None:
+        if self.may_skip:
+            out.extend([v for v in values if v is not SKIP])
+        else:
+            out.extend(values)
 
     def push(self, key: Key, value: Any, out: list[Any]) -> None:
         """Takes one record; appends every value it releases to ``out``."""
@@ -116,7 +164,7 @@ class Reorderer:
         while True:
             run = runs.pop(self.completed, None) if runs else None
             if run is not None:
-                out.extend([v for _, v in run if v is not SKIP])
+                self._extend(out, run)
                 self.completed += len(run)
                 continue
             if self.completed not in top:

@@ -2,9 +2,10 @@
 
 ::
 
-    parent (a proxy thread per worker)            child: python -m pipeflow._worker IN OUT
+    parent (a proxy thread per worker)            child: python -m pipeflow._worker IN OUT AT
       requests ──► Ring "in"  (parent writes) ──► loop: pop a request, run the step's
       replies  ◄── Ring "out" (child writes)  ◄──       function over a batch, push the reply
+      reads on a crash ◄── word "at" (shared) ◄──       the index of the item in hand
 
 Each direction is its own single-writer ring (``pipeflow._core.Ring``, a memfd: nothing to leak in
 /dev/shm), so a worker killed at any instant cannot wedge or corrupt the parent's side. Messages
@@ -12,9 +13,10 @@ are pickled (protocol 5; the step's function and ``init`` with cloudpickle, so l
 notebook functions work) and split into frames when longer than the ring's ``max_frame``.
 
 The parent waits for a reply in slices and looks at the worker between them: a worker that died is
-reported as :class:`~pipeflow.WorkerCrashed` with its exit code or signal; one that holds a batch
-past ``timeout`` is killed and reported as ``TimeoutError``. An exception in the worker comes back
-as the same exception type, with the worker's traceback text as its ``__cause__``.
+reported as :class:`~pipeflow.WorkerCrashed` with its exit code or signal and the item it held
+(the worker writes the index of each item into a shared word before running it); one that holds
+a batch past ``timeout`` is killed and reported as ``TimeoutError``. An exception in the worker
+comes back as the same exception type, with the worker's traceback text as its ``__cause__``.
 
 Workers are started with ``subprocess`` (a fresh interpreter: safe whatever threads the parent
 runs, unlike a plain fork). A worker exits when the parent closes its input ring, and on its own
@@ -28,6 +30,8 @@ are stopped at exit, and exit by themselves if the parent dies.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import mmap
 import os
 import pickle
 import signal
@@ -42,10 +46,14 @@ import cloudpickle
 
 from ._core import Ring
 from ._errors import ChannelClosed, WorkerCrashed
+from ._ordering import Batch
 
 __all__ = [
+    "QUEUE_BYTES",
     "RemoteTraceback",
+    "Stopped",
     "WorkerProcess",
+    "first_unpicklable",
     "give_back",
     "lease",
     "recv_message",
@@ -55,6 +63,11 @@ __all__ = [
 ]
 
 RING_BYTES = 4 << 20
+# A request may be queued behind one the worker is running only if it is at most this large: the
+# worker reads a request whole before it runs it, so the ring then always has room for the
+# queued one, and the parent never blocks in a push while the worker blocks pushing its reply.
+QUEUE_BYTES = RING_BYTES // 4
+AT_BYTES = 8
 _MORE, _LAST = b"\x01", b"\x00"
 POLL = 0.05  # how often a waiting parent looks at the worker process
 START_TIMEOUT = 60.0
@@ -111,6 +124,16 @@ def recv_message(ring: Ring, timeout: float | None = None) -> Any:
             return pickle.loads(b"".join(parts))
 
 
+def first_unpicklable(values: list[Any]) -> int | None:
+    """The index of the first value that does not pickle (for error messages only)."""
+    for i, value in enumerate(values):
+        try:
+            pickle.dumps(value, protocol=5)
+        except Exception:
+            return i
+    return None
+
+
 def _describe_exit(code: int) -> str:
     if code < 0:
         try:
@@ -128,7 +151,7 @@ def _describe_exit(code: int) -> str:
 
 
 class WorkerProcess:
-    """One worker process running one step's function over batches of records."""
+    """One worker process running one step's function over batches of items."""
 
     def __init__(
         self,
@@ -137,15 +160,30 @@ class WorkerProcess:
         init: Any,
         label: str,
         stopping: Callable[[], bool] = lambda: False,
+        attach: Callable[[WorkerProcess], None] | None = None,
     ) -> None:
+        """Starts a worker and loads the step; ``attach(self)`` is called first, so that the
+        caller can :meth:`interrupt` a start in progress."""
         self.to_child = Ring(RING_BYTES)
         self.from_child = Ring(RING_BYTES)
-        fds = [self.to_child.fd, self.from_child.fd]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeflow._worker", str(fds[0]), str(fds[1])],
-            pass_fds=fds,
-            stdin=subprocess.DEVNULL,
-        )
+        at_fd = os.memfd_create("pipeflow-at", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(at_fd, AT_BYTES)
+            self._at_map = mmap.mmap(at_fd, AT_BYTES)
+            fds = [self.to_child.fd, self.from_child.fd, at_fd]
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pipeflow._worker", *map(str, fds)],
+                pass_fds=fds,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            os.close(at_fd)  # the mappings keep the memory
+        self.interrupted = False  # see interrupt
+        # The index in its batch of the item the worker runs: -1 before the first, the batch's
+        # length after the last. Read only after the worker died, so no ordering is needed.
+        self.at = memoryview(self._at_map).cast("q")
+        if attach is not None:
+            attach(self)
         self.setup(op, fn, init, label, stopping)
 
     def setup(self, op: str, fn: Any, init: Any, label: str, stopping: Callable[[], bool]) -> None:
@@ -157,7 +195,7 @@ class WorkerProcess:
             # parent imported: a test file, a package under development) import in the child.
             setup = ("setup", op, cloudpickle.dumps(fn), cloudpickle.dumps(init), sys.path)
             send_message(self.to_child, setup)
-            reply = self._wait_reply(START_TIMEOUT, what="starting")
+            reply = self._wait_reply(START_TIMEOUT, what=lambda: "starting")
             if reply[0] != "ready":
                 self._raise_remote(reply)
         except BaseException:
@@ -168,31 +206,56 @@ class WorkerProcess:
     def pid(self) -> int:
         return self.proc.pid
 
-    def run_batch(
-        self, batch: list[Any], timeout: float | None, slot: list[Any]
-    ) -> tuple[list[Any], int]:
-        """Runs the step over ``batch`` in the worker; returns ``(records, items_run)``.
+    def run_batch(self, batch: Batch, timeout: float | None, slot: Any) -> tuple[Batch, int]:
+        """Runs the step over ``batch`` in the worker; returns ``(output batch, items_run)``.
 
-        On an error, ``slot[0]`` is set to the key of the item it concerns (for a crash or a
-        timeout, the batch's first item: the parent does not know which one was in hand).
+        On an error, ``slot[0]`` is set to the index in ``batch`` of the item it concerns (for a
+        crash or a timeout, the item the worker held).
         """
-        slot[0] = batch[0][0] if batch else None
+        self.send(self.encode(batch, slot))
+        return self.receive(batch, timeout, slot)
+
+    @staticmethod
+    def encode(batch: Batch, slot: Any) -> bytes:
+        """The request for ``batch``, pickled; an item that does not pickle is named in
+        ``slot[0]``."""
         try:
             # Pickled here, not in send_message: a failure's traceback then holds no ring.
-            data = pickle.dumps(("batch", batch), protocol=5)
+            return pickle.dumps(("batch", batch), protocol=5)
         except (pickle.PicklingError, TypeError, AttributeError) as e:
             e.add_note("pipeflow: an item could not be pickled to be sent to the worker process")
+            slot[0] = first_unpicklable(batch.values)
             raise
-        send_bytes(self.to_child, data)
-        reply = self._wait_reply(timeout, what=f"running a batch of {len(batch)} item(s)")
+
+    def send(self, request: bytes) -> None:
+        """Queues an encoded request for the worker; it answers requests in order."""
+        send_bytes(self.to_child, request)
+
+    def receive(self, batch: Batch, timeout: float | None, slot: Any) -> tuple[Batch, int]:
+        """Waits for the reply to the oldest request (for ``batch``); see :meth:`run_batch`."""
+        slot[0] = None
+        try:
+            reply = self._wait_reply(timeout, what=lambda: self._doing(len(batch)))
+        except (WorkerCrashed, TimeoutError):
+            at = self.at[0]
+            slot[0] = at if 0 <= at < len(batch) else None
+            raise
         if reply[0] == "done":
-            slot[0] = None
             return reply[1], reply[2]
         slot[0] = reply[3]
         self._raise_remote(reply)
         raise AssertionError("unreachable")
 
-    def _wait_reply(self, timeout: float | None, what: str) -> Any:
+    def _doing(self, n: int) -> str:
+        """What the worker was doing, from its shared word (read after it died or was killed)."""
+        at = self.at[0]
+        if 0 <= at < n:
+            return f"running item {at + 1} of a batch of {n}" if n > 1 else "running an item"
+        if at == n:
+            return f"sending the results of a batch of {n} item(s)"
+        return f"receiving a batch of {n} item(s)"
+
+    def _wait_reply(self, timeout: float | None, what: Callable[[], str]) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
@@ -208,12 +271,12 @@ class WorkerProcess:
             if code is not None:
                 raise WorkerCrashed(
                     f"{self.label}: the worker process (pid {self.proc.pid}) "
-                    f"{_describe_exit(code)} while {what}"
+                    f"{_describe_exit(code)} while {what()}"
                 )
             if deadline is not None and time.monotonic() >= deadline:
                 self.kill()
                 raise TimeoutError(
-                    f"{self.label}: no reply within timeout={timeout} s while {what}; "
+                    f"{self.label}: no reply within timeout={timeout} s while {what()}; "
                     f"the worker process (pid {self.proc.pid}) was killed"
                 )
 
@@ -239,6 +302,16 @@ class WorkerProcess:
         self.from_child.close_read()
         # Drop the rings now, not when this object goes: a traceback may keep it alive.
         self.to_child = self.from_child = _CLOSED
+        if not self._at_map.closed:
+            self.at.release()
+            self._at_map.close()
+
+    def interrupt(self) -> None:
+        """Wakes a thread waiting in :meth:`receive` at once (it then sees that the run stopped).
+        It closes the reply ring, so this worker cannot be used again: only stop it."""
+        self.interrupted = True
+        with contextlib.suppress(ChannelClosed):  # already stopped
+            self.from_child.close_write()
 
     def kill(self) -> None:
         """Kills the worker at once and reaps it."""
@@ -254,15 +327,25 @@ _idle: list[WorkerProcess] = []
 _idle_lock = threading.Lock()
 
 
-def lease(op: str, fn: Any, init: Any, label: str, stopping: Callable[[], bool]) -> WorkerProcess:
+def lease(
+    op: str,
+    fn: Any,
+    init: Any,
+    label: str,
+    stopping: Callable[[], bool],
+    attach: Callable[[WorkerProcess], None] | None = None,
+) -> WorkerProcess:
     """A worker loaded with this step: an idle one from the warm set if any is alive (a second
-    run pays no interpreter start-up), else a new one."""
+    run pays no interpreter start-up), else a new one. ``attach`` as for
+    :class:`WorkerProcess`."""
     while True:
         with _idle_lock:
             worker = _idle.pop() if _idle else None
         if worker is None:
-            return WorkerProcess(op, fn, init, label, stopping)
+            return WorkerProcess(op, fn, init, label, stopping, attach)
         if worker.proc.poll() is None:
+            if attach is not None:
+                attach(worker)
             worker.setup(op, fn, init, label, stopping)
             return worker
         worker.stop()
@@ -270,7 +353,7 @@ def lease(op: str, fn: Any, init: Any, label: str, stopping: Callable[[], bool])
 
 def give_back(worker: WorkerProcess) -> None:
     """Returns a worker that finished its run cleanly to the warm set (or stops it)."""
-    if worker.proc.poll() is None:
+    if worker.proc.poll() is None and not worker.interrupted:
         with _idle_lock:
             if len(_idle) < MAX_IDLE:
                 _idle.append(worker)

@@ -1,14 +1,17 @@
-"""The worker process: ``python -m pipeflow._worker IN_FD OUT_FD`` (started by ``_process``).
+"""The worker process: ``python -m pipeflow._worker IN_FD OUT_FD AT_FD`` (see ``_process``).
 
 It reads requests from the ring on IN_FD and writes replies to the ring on OUT_FD, one at a
 time: ``setup`` (the step's kind, function and init, cloudpickled), then ``batch`` requests, and
 another ``setup`` when the parent reuses this warm worker for another step. Each is answered by
-``ready``/``done`` (the output records) or ``error`` (the pickled exception and its traceback
-text). It exits when the parent closes its input ring, or when the parent dies.
+``ready``/``done`` (the output batch) or ``error`` (the pickled exception, its traceback text and
+the index of the item that raised). Before running each item it writes the item's index into the
+shared word on AT_FD, so that the parent can name the item if this process dies. It exits when
+the parent closes its input ring, or when the parent dies.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
 import sys
@@ -18,7 +21,7 @@ from typing import Any
 
 from ._core import Ring
 from ._errors import ChannelClosed
-from ._process import recv_message, send_message
+from ._process import first_unpicklable, recv_message, send_message
 
 PARENT_CHECK = 1.0
 
@@ -55,10 +58,10 @@ def _setup(message: tuple[Any, ...]) -> tuple[Any, Any]:
 
 def main(argv: list[str]) -> int:
     inbox, outbox = Ring.open(int(argv[0])), Ring.open(int(argv[1]))
-    os.close(int(argv[0]))
-    os.close(int(argv[1]))
+    at = memoryview(mmap.mmap(int(argv[2]), 8)).cast("q")
+    for fd in argv[:3]:
+        os.close(int(fd))
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
-    slot: list[Any] = [None, 0.0]
     never = [False]  # the parent stops a worker by closing its ring, not between items
     fn: Any = None
     apply: Any = None
@@ -74,16 +77,18 @@ def main(argv: list[str]) -> int:
                 send_message(outbox, ("ready",))
                 continue
             batch = message[1]
+            at[0] = -1
             try:
-                out, n = apply(fn, batch, slot, False, never)
+                out, n = apply(fn, batch, at, False, never)  # it sets at[0] to each item's index
             except BaseException as e:
-                send_message(outbox, _error_reply(e, slot[0]))
+                send_message(outbox, _error_reply(e, at[0]))
                 continue
+            at[0] = len(batch)
             try:
                 send_message(outbox, ("done", out, n))
             except Exception as e:  # a result that does not pickle: report, don't die
                 e.add_note("pipeflow: a result of this batch could not be pickled")
-                send_message(outbox, _error_reply(e, batch[0][0] if batch else None))
+                send_message(outbox, _error_reply(e, first_unpicklable(out.values)))
     except ChannelClosed:
         return 0
     finally:

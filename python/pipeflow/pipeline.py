@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Literal, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, Unpack
 
 from ._context import Context
 from ._core import Channel
+
+if TYPE_CHECKING:
+    from ._engine import Run
 
 __all__ = ["Pipeline", "StageOptions", "Step"]
 
@@ -244,9 +247,7 @@ class Pipeline:
             >>> pf.Pipeline(kind="thread").stage(abs).run([-1, 2, -3])
             [1, 2, 3]
         """
-        return list(
-            self.iter(items, progress=progress, context=context, timeout=timeout, backend=backend)
-        )
+        return self._run(items, progress, context, timeout, backend).collect()
 
     def iter(
         self,
@@ -269,6 +270,17 @@ class Pipeline:
             [0, 1, 4, 9]
             >>> squares.close()
         """
+        return self._run(items, progress, context, timeout, backend).results()
+
+    def _run(
+        self,
+        items: Iterable[Any],
+        progress: bool,
+        context: Context | None,
+        timeout: float | None,
+        backend: str | None,
+    ) -> Run:
+        """Checks the arguments of :meth:`run` and :meth:`iter`; a run, not started yet."""
         from ._engine import Run
 
         _check_bool("progress", progress)
@@ -293,7 +305,7 @@ class Pipeline:
                 total = len(items)  # type: ignore[arg-type]
             except (OverflowError, TypeError):
                 total = None
-        return Run(self._steps, source, total, progress, context, timeout).results()
+        return Run(self._steps, source, total, progress, context, timeout)
 
     def to_mermaid(self) -> str:
         """The pipeline as a Mermaid flowchart (paste it into Markdown or a notebook).
