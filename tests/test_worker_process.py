@@ -165,6 +165,26 @@ def test_a_second_run_reuses_warm_workers_with_the_new_step() -> None:
     assert [v for _, v in second] == [0, 3, 6, 9]  # but the new function
 
 
+def test_a_worker_left_idle_by_a_failed_run_stays_warm() -> None:
+    from pipeflow import _process
+
+    _process.shutdown_idle()
+    started = time.monotonic()
+
+    def fail_or_hang(x: int) -> int:
+        if x == 0:
+            raise ValueError("item 0")
+        time.sleep(60)  # item 1: its worker holds it when the run stops
+        return x
+
+    with pytest.raises(ValueError, match="item 0"):
+        pf.Pipeline().stage(fail_or_hang, workers=2).run(range(2))
+    assert time.monotonic() - started < 30  # a worker holding item 1 is killed, not waited for
+    assert len(_process._idle) == 1  # the failed item's worker answered and went back
+    idle = _process._idle[0].pid
+    assert pf.Pipeline().stage(lambda x: os.getpid()).run([0]) == [idle]
+
+
 def test_idle_workers_exit_with_the_interpreter() -> None:
     import subprocess
     import sys

@@ -62,7 +62,7 @@ __all__ = [
     "shutdown_idle",
 ]
 
-RING_BYTES = 4 << 20
+RING_BYTES = 1 << 20
 # A request may be queued behind one the worker is running only if it is at most this large: the
 # worker reads a request whole before it runs it, so the ring then always has room for the
 # queued one, and the parent never blocks in a push while the worker blocks pushing its reply.
