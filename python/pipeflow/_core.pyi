@@ -3,7 +3,7 @@
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, final
 
-__all__ = ["Channel", "Pool", "Ring", "select"]
+__all__ = ["Channel", "Pool", "Ring", "Word", "select"]
 
 @final
 class Channel:
@@ -121,3 +121,33 @@ class Ring:
         """The producer's close: the reader drains, then sees the end."""
     def close_read(self) -> None:
         """The consumer's close: pushes fail from now on."""
+
+@final
+class Word:
+    """One ``int`` (64-bit) in shared memory: a worker process stores the index of the item it
+    is about to run, and the parent reads it if the worker dies. It reads and writes as a
+    one-item sequence (``w[0]``). The creator passes ``fd`` to the other process, which maps it
+    with ``Word.open(fd)``.
+
+    Example:
+        >>> from pipeflow._core import Word
+        >>> w = Word()
+        >>> w.map(abs, [-1, -2, -3])
+        [1, 2, 3]
+        >>> w[0]  # the index of the last item run
+        2
+    """
+
+    def __new__(cls) -> Word: ...
+    @staticmethod
+    def open(fd: int) -> Word:
+        """Maps a word created by another process from its memfd (duplicated, not taken)."""
+    @property
+    def fd(self) -> int:
+        """The memfd's descriptor, to pass to the other process."""
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int, /) -> int: ...
+    def __setitem__(self, index: int, value: int, /) -> None: ...
+    def map(self, func: Callable[[Any], Any], values: list[Any]) -> list[Any]:
+        """``[func(v) for v in values]``, storing each item's index first; when ``func``
+        raises, the word holds the index of the item that raised."""

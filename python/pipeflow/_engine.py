@@ -51,7 +51,7 @@ SOURCE_HOLD = 0.005  # the feeder sends a partial batch once its first item wait
 SOURCE_PIECE = 1024  # the most items the feeder pulls between two looks at the clock
 SUPERVISE_EVERY = 0.1
 ABANDON_GRACE = 0.1  # after Ctrl-C or a deadline, how long to wait for items in hand
-WINDOW_BATCHES = 4  # in-flight bound, in batches per worker and queue slot
+WINDOW_BATCHES = 2  # in-flight bound, in batches per worker and queue slot
 PROCESS_DEPTH = 2  # batches queued in a worker process: one running, one waiting
 QUEUE_SECONDS = 0.01  # how long a batch may wait behind another in a worker process
 
@@ -683,7 +683,18 @@ def _apply_flat_map(
     return Batch(keys if split else batch.keys, out), n
 
 
+def _apply_map_word(
+    fn: Callable[[Any], Any], batch: Batch, slot: Any, timed: bool, stop: list[bool]
+) -> tuple[Batch, int]:
+    """``_apply_map`` in a worker process, for a batch with no SKIP value: ``slot`` is the
+    worker's shared :class:`~pipeflow._core.Word`, whose ``map`` loops in Rust and stores each
+    item's index on the way (a stop kills the process instead)."""
+    return Batch(batch.keys, slot.map(fn, batch.values)), len(batch.values)
+
+
 _APPLY = {"map": _apply_map, "filter": _apply_filter, "flat_map": _apply_flat_map}
+# What a worker process runs for an op; "map_plain": a map step whose batches hold no SKIP.
+_WORKER_APPLY = {**_APPLY, "map_plain": _apply_map_word}
 
 
 class Retrying:
@@ -772,9 +783,10 @@ class _ProcessRunner:
 
     def _start(self) -> WorkerProcess:
         step = self.st.step
+        op = "map_plain" if step.op == "map" and not self.st.may_skip else step.op
         try:
             return lease(
-                step.op, _step_function(step), step.init, self.label, self.stopping, self._attach
+                op, _step_function(step), step.init, self.label, self.stopping, self._attach
             )
         finally:
             self._starting = None

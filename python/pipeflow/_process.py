@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import mmap
 import os
 import pickle
 import signal
@@ -44,7 +43,7 @@ from typing import Any
 
 import cloudpickle
 
-from ._core import Ring
+from ._core import Ring, Word
 from ._errors import ChannelClosed, WorkerCrashed
 from ._ordering import Batch
 
@@ -62,12 +61,11 @@ __all__ = [
     "shutdown_idle",
 ]
 
-RING_BYTES = 1 << 20
+RING_BYTES = 512 << 10
 # A request may be queued behind one the worker is running only if it is at most this large: the
 # worker reads a request whole before it runs it, so the ring then always has room for the
 # queued one, and the parent never blocks in a push while the worker blocks pushing its reply.
 QUEUE_BYTES = RING_BYTES // 4
-AT_BYTES = 8
 _MORE, _LAST = b"\x01", b"\x00"
 POLL = 0.05  # how often a waiting parent looks at the worker process
 START_TIMEOUT = 60.0
@@ -166,22 +164,16 @@ class WorkerProcess:
         caller can :meth:`interrupt` a start in progress."""
         self.to_child = Ring(RING_BYTES)
         self.from_child = Ring(RING_BYTES)
-        at_fd = os.memfd_create("pipeflow-at", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(at_fd, AT_BYTES)
-            self._at_map = mmap.mmap(at_fd, AT_BYTES)
-            fds = [self.to_child.fd, self.from_child.fd, at_fd]
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeflow._worker", *map(str, fds)],
-                pass_fds=fds,
-                stdin=subprocess.DEVNULL,
-            )
-        finally:
-            os.close(at_fd)  # the mappings keep the memory
-        self.interrupted = False  # see interrupt
         # The index in its batch of the item the worker runs: -1 before the first, the batch's
-        # length after the last. Read only after the worker died, so no ordering is needed.
-        self.at = memoryview(self._at_map).cast("q")
+        # length after the last. Read only after the worker died.
+        self.at = Word()
+        fds = [self.to_child.fd, self.from_child.fd, self.at.fd]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeflow._worker", *map(str, fds)],
+            pass_fds=fds,
+            stdin=subprocess.DEVNULL,
+        )
+        self.interrupted = False  # see interrupt
         if attach is not None:
             attach(self)
         self.setup(op, fn, init, label, stopping)
@@ -301,10 +293,7 @@ class WorkerProcess:
                 self.kill()
         self.from_child.close_read()
         # Drop the rings now, not when this object goes: a traceback may keep it alive.
-        self.to_child = self.from_child = _CLOSED
-        if not self._at_map.closed:
-            self.at.release()
-            self._at_map.close()
+        self.to_child = self.from_child = self.at = _CLOSED
 
     def interrupt(self) -> None:
         """Wakes a thread waiting in :meth:`receive` at once (it then sees that the run stopped).

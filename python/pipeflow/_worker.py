@@ -11,7 +11,6 @@ the parent closes its input ring, or when the parent dies.
 
 from __future__ import annotations
 
-import mmap
 import os
 import pickle
 import sys
@@ -19,7 +18,7 @@ import threading
 import traceback
 from typing import Any
 
-from ._core import Ring
+from ._core import Ring, Word
 from ._errors import ChannelClosed
 from ._process import first_unpicklable, recv_message, send_message
 
@@ -53,12 +52,12 @@ def _setup(message: tuple[Any, ...]) -> tuple[Any, Any]:
     fn = pickle.loads(fn_bytes)
     init = pickle.loads(init_bytes)
     _engine._worker_state.set(init() if init is not None else _engine._NO_STATE)
-    return fn, _engine._APPLY[op]
+    return fn, _engine._WORKER_APPLY[op]
 
 
 def main(argv: list[str]) -> int:
     inbox, outbox = Ring.open(int(argv[0])), Ring.open(int(argv[1]))
-    at = memoryview(mmap.mmap(int(argv[2]), 8)).cast("q")
+    at = Word.open(int(argv[2]))
     for fd in argv[:3]:
         os.close(int(fd))
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()

@@ -7,15 +7,17 @@ mod channel;
 mod errors;
 mod pool;
 mod ring;
+mod word;
 
 use pyo3::prelude::*;
 
-/// pipeflow's Rust core: channels, the work-stealing pool, the shared-memory ring.
+/// pipeflow's Rust core: channels, the work-stealing pool, the shared-memory ring and word.
 #[pymodule(gil_used = false)]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<channel::PyChannel>()?;
     m.add_function(wrap_pyfunction!(channel::select, m)?)?;
     m.add_class::<pool::PyPool>()?;
     m.add_class::<ring::PyRing>()?;
+    m.add_class::<word::PyWord>()?;
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! Shared memory between processes: memfd-backed mappings, futex wait/wake, and the frame ring.
+//! Shared memory between processes: memfd-backed mappings, futex wait/wake, the frame ring,
+//! and a shared word.
 //!
 //! Raw pointers live in this module alone. Linux only (memfd and futex). Under `--cfg loom`
 //! the ring runs over heap memory with loom's atomics and cells, and the futex is modelled
@@ -8,7 +9,11 @@ mod futex;
 #[cfg(not(loom))]
 mod region;
 mod ring;
+#[cfg(not(loom))]
+mod word;
 
 #[cfg(not(loom))]
 pub use region::Region;
 pub use ring::{PopError, PushError, Ring, RING_HEADER};
+#[cfg(not(loom))]
+pub use word::SharedWord;
