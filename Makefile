@@ -47,6 +47,9 @@ bench: $(STAMP)
 	$(PY) -m benches.compare
 	$(PY) -m benches.transport
 	$(PY) -m benches.processes
+	$(PY) -m benches.memory
+	$(PY) -m benches.faults
+	$(PY) -m benches.startup
 
 clean:
 	rm -rf $(VENV) target

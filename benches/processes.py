@@ -1,102 +1,165 @@
-"""W1 and W2 (issue 3, first figures): process stages against the standard library's pools.
+"""W1 and W2 (issue 3): process stages against every peer, tiny items and CPU-heavy items.
 
 Run as ``python -m benches.processes`` (``--quick`` for a smoke run). Every contender in the same
-run, round-robin, median of 3, 2 workers; results are checked. Peers from the ``bench`` extra
-(joblib, mpire, pebble) join when they are installed.
+run, round-robin, median of 3, 2 workers; every result is checked. The peers and the harness are
+in ``benches.peers``.
+
+Each pool is measured twice where it matters: cold (``with Pool(2) as pool: pool.map(...)`` per
+run, start-up and shutdown in the clock, as a user writes it) and warm (the pool made once, before
+the clock). pipeflow's own default is warm from the second run on (its idle workers wait for the
+next run), so "pipeflow (defaults)" is measured both ways too: cold after
+``pipeflow._process.shutdown_idle()``, warm as a repeated ``run`` finds it.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import statistics
 import sys
-import time
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 
-import pipeflow as pf
+from benches.peers import (
+    ROUNDS,
+    WORKERS,
+    Executor,
+    Joblib,
+    Loky,
+    Mpire,
+    MpPool,
+    Pebble,
+    Pipeflow,
+    Pypeln,
+    Row,
+    Serial,
+    best_peer,
+    compare,
+    inc,
+    markdown_table,
+    measured,
+    pipeflow_figures,
+    rate,
+    spin,
+    versus,
+)
 
-WORKERS = 2
+__all__ = ["inc", "main", "spin"]
 
-
-def inc(x: int) -> int:
-    return x + 1
-
-
-def spin(n: int) -> int:
-    """About ``n`` microseconds of pure-Python work."""
-    total = 0
-    for i in range(n * 46):  # ~22 ns an iteration on this machine
-        total += i & 7
-    return total
-
-
-def timed(fn: Callable[[], list[int]], expected: list[int]) -> float:
-    t0 = time.perf_counter()
-    out = fn()
-    dt = time.perf_counter() - t0
-    assert out == expected, "wrong result"
-    return dt
-
-
-def contenders(f: Callable[[int], int], items: list[int]) -> dict[str, Callable[[], list[int]]]:
-    ctx = mp.get_context("forkserver")
-    c: dict[str, Callable[[], list[int]]] = {
-        "pipeflow stage (defaults)": lambda: pf.Pipeline().stage(f, workers=WORKERS).run(items),
-        "multiprocessing.Pool.map (forkserver, default chunks)": lambda: _pool_map(ctx, f, items),
-        "ProcessPoolExecutor.map (chunksize=1)": lambda: _ppe(f, items),
-    }
-    try:
-        import joblib
-
-        c["joblib Parallel (loky)"] = lambda: joblib.Parallel(n_jobs=WORKERS)(
-            joblib.delayed(f)(x) for x in items
-        )
-    except ImportError:
-        pass
-    return c
+TUNED = 1000  # the chunk size a user would pick for tiny items
 
 
-def _pool_map(ctx: object, f: Callable[[int], int], items: list[int]) -> list[int]:
-    with ctx.Pool(WORKERS) as pool:  # type: ignore[attr-defined]
-        return list(pool.map(f, items))
+def w1_rows(slow: int) -> list[Row]:
+    """Every peer at its defaults and at a tuned chunk size, cold; the pools warm as well.
+    ``slow``: how much smaller a run the per-item peers get."""
+    ours = Pipeflow()
+    pool_map, pool_imap = MpPool("map"), MpPool("imap", TUNED)
+    ppe, joblib, loky = Executor(TUNED), Joblib(), Loky(TUNED)
+    mpire, pebble = Mpire(), Pebble(TUNED)
+    return [
+        Row(ours),
+        Row(pool_map),
+        Row(MpPool("map", method="fork")),
+        Row(pool_imap),
+        Row(Executor(1, slow=slow)),
+        Row(ppe),
+        Row(joblib),
+        Row(loky),
+        Row(mpire),
+        Row(Pypeln(slow=2 * slow)),
+        Row(Pebble(1, slow=slow)),
+        Row(pebble),
+        Row(ours, warm=True),
+        Row(pool_map, warm=True),
+        Row(pool_imap, warm=True),
+        Row(ppe, warm=True),
+        Row(joblib, warm=True),
+        Row(loky, warm=True),
+        Row(mpire, warm=True),
+        Row(pebble, warm=True),
+    ]
 
 
-def _ppe(f: Callable[[int], int], items: list[int]) -> list[int]:
-    with ProcessPoolExecutor(WORKERS, mp_context=mp.get_context("forkserver")) as ex:
-        return list(ex.map(f, items))
+def w2_rows(n: int, slow: int) -> list[Row]:
+    """Each peer as a user writes it (cold); the pools warm as well, with a chunk size that splits
+    ``n`` items into four chunks a worker where the default is one item a task. ``slow``: how
+    much smaller a run the per-item peers get."""
+    chunk = max(1, n // (4 * WORKERS))
+    ours, pool_map, mpire = Pipeflow(), MpPool("map"), Mpire()
+    return [
+        Row(Serial()),
+        Row(ours),
+        Row(pool_map),
+        Row(Executor(1, slow=slow)),
+        Row(mpire),
+        Row(Pypeln(slow=slow)),
+        Row(Pebble(1, slow=slow)),
+        Row(ours, warm=True),
+        Row(pool_map, warm=True),
+        Row(Executor(chunk), warm=True),
+        Row(Joblib(), warm=True),
+        Row(Loky(chunk), warm=True),
+        Row(mpire, warm=True),
+        Row(Pebble(chunk), warm=True),
+    ]
 
 
-def table(title: str, f: Callable[[int], int], items: list[int], unit: str) -> None:
-    expected = [f(x) for x in items]
-    t0 = time.perf_counter()
-    [f(x) for x in items]
-    serial = time.perf_counter() - t0
-    runs = contenders(f, items)
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(3):
-        for name, run in runs.items():
-            times[name].append(timed(run, expected))
-    print(f"\n## {title}\n")
-    print(f"| contender | {unit} | speedup over serial ({serial:.3f} s) |")
-    print("|---|---:|---:|")
-    med = {k: statistics.median(v) for k, v in times.items()}
-    for name, t in med.items():
-        print(f"| {name} | {len(items) / t:,.0f} items/s | {serial / t:.2f}x |")
-    best = min(t for k, t in med.items() if not k.startswith("pipeflow"))
-    print(f"\npipeflow vs best peer: **{best / med['pipeflow stage (defaults)']:.2f}x**")
+def w1(n: int, slow: int, rounds: int) -> None:
+    items = list(range(n))
+    figures = compare(w1_rows(slow), inc, items, rounds)
+    ours = pipeflow_figures(figures)
+    markdown_table(
+        f"W1 tiny items, f(x)=x+1 over {n:,} ints ({WORKERS} workers, median of {rounds})",
+        [
+            "contender",
+            "pool start-up",
+            "items measured",
+            "items/s",
+            "pipeflow ÷ this (same start-up)",
+        ],
+        (
+            [
+                row.label,
+                row.start_up,
+                measured(n, row.peer),
+                rate(v),
+                f"{v / ours[row.warm]:.2f}x",
+            ]
+            for row, v in figures.items()
+        ),
+    )
+    versus(figures, lambda v: f"{rate(v)} items/s")
+
+
+def w2(title: str, micros: int, n: int, slow: int, rounds: int) -> None:
+    figures = compare(w2_rows(n, slow), spin, [micros] * n, rounds)
+    serial = next(v for row, v in figures.items() if isinstance(row.peer, Serial))
+    markdown_table(
+        f"W2 CPU-heavy, {title} x {n:,} ({WORKERS} workers, median of {rounds}; "
+        f"serial {serial * n:.2f} s)",
+        ["contender", "pool start-up", "items measured", "items/s", "speedup over serial"],
+        (
+            [row.label, row.start_up, measured(n, row.peer), rate(v), f"{serial / v:.2f}x"]
+            for row, v in figures.items()
+        ),
+    )
+    ours = pipeflow_figures(figures)
+    row, best = best_peer(figures)
+    print(
+        f"pipeflow speedup: **{serial / ours[True]:.2f}x** warm, {serial / ours[False]:.2f}x cold "
+        f"(target 1.9x); best peer {row.label}: {serial / best:.2f}x; pipeflow (warm) vs best "
+        f"peer: **{best / ours[True]:.2f}x**"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benches.processes")
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1/10 of the items, once")
     args = parser.parse_args(argv)
-    scale = 10 if args.quick else 1
-    print("2 workers; pipeflow and joblib keep warm workers between runs, the pools start theirs")
-    table("W1 tiny items, f(x)=x+1", inc, list(range(200_000 // scale)), "items/s")
-    table("W2 CPU-heavy, ~100 us items", spin, [100] * (20_000 // scale), "items/s")
-    table("W2 CPU-heavy, ~5 ms items", spin, [5000] * (400 // scale), "items/s")
+    scale, rounds = (10, 1) if args.quick else (1, ROUNDS)
+    print(
+        f"# Process stages vs peers (W1, W2): {WORKERS} workers, every contender in the same run, "
+        f"round-robin, median of {rounds}, results checked"
+    )
+    w1(200_000 // scale, 20, rounds)
+    w2("~100 us items", 100, 20_000 // scale, 4, rounds)
+    w2("~5 ms items", 5000, 400 // scale, 1, rounds)
     return 0
 
 
