@@ -46,14 +46,14 @@ from .pipeline import Step
 __all__ = ["Run", "worker_state"]
 
 MAX_CHUNK = 8192  # the most items in one batch
-CHUNK_SECONDS = 0.002  # aim for batches that take a worker about this long
+CHUNK_SECONDS = 0.005  # aim for batches that take a worker about this long
 SOURCE_HOLD = 0.005  # the feeder sends a partial batch once its first item waited this long
 SOURCE_PIECE = 1024  # the most items the feeder pulls between two looks at the clock
 SUPERVISE_EVERY = 0.1
 ABANDON_GRACE = 0.1  # after Ctrl-C or a deadline, how long to wait for items in hand
 WINDOW_BATCHES = 2  # in-flight bound, in batches per worker and queue slot
 PROCESS_DEPTH = 2  # batches queued in a worker process: one running, one waiting
-QUEUE_SECONDS = 0.01  # how long a batch may wait behind another in a worker process
+QUEUE_SECONDS = 0.02  # how long a batch may wait behind another in a worker process
 
 _worker_state: contextvars.ContextVar[Any] = contextvars.ContextVar("pipeflow_worker_state")
 _NO_STATE = object()
