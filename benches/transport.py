@@ -2,7 +2,8 @@
 
 Run as ``python -m benches.transport`` (``--quick`` for a smoke run). A child process sends N
 messages (an int packed into 8 bytes, or a 100-byte payload) and the parent receives them, through
-the pipeflow shared-memory ring and through the multiprocessing peers, round-robin, median of 3.
+the pipeflow shared-memory ring and through the multiprocessing peers and faster-fifo (when the
+``bench`` extra is installed), round-robin, median of 3.
 """
 
 from __future__ import annotations
@@ -91,12 +92,54 @@ def _pipe() -> tuple[Any, Any]:
     return tx, rx
 
 
+def _faster_fifo() -> tuple[Any, Any]:
+    from faster_fifo import Queue
+
+    q = Queue(max_size_bytes=1 << 20)
+    return q, q
+
+
+MANY = 100  # messages per put_many / most per get_many
+
+
+def _ff_many_sender(q: Any, n: int, size: int) -> None:
+    pad = b"x" * max(0, size - 8)
+    for start in range(0, n, MANY):
+        q.put_many([i.to_bytes(8, "little") + pad for i in range(start, min(n, start + MANY))])
+
+
+def _faster_fifo_many(n: int, size: int) -> float:
+    """faster-fifo at its best: messages in lists of ``MANY`` (``put_many``/``get_many``)."""
+    q, _ = _faster_fifo()
+    proc = mp.get_context("fork").Process(target=_ff_many_sender, args=(q, n, size))
+    proc.start()
+    got = q.get_many(max_messages_to_get=MANY, timeout=60)
+    t0 = perf_counter()
+    count = len(got)
+    last = got[-1]
+    while count < n:
+        got = q.get_many(max_messages_to_get=MANY, timeout=60)
+        count += len(got)
+        last = got[-1]
+    dt = perf_counter() - t0
+    assert int.from_bytes(last[:8], "little") == n - 1
+    proc.join(60)
+    return dt * n / (n - MANY)  # the clock missed the first list
+
+
 CONTENDERS: dict[str, Callable[[int, int], float]] = {
     "pipeflow Ring (shared memory)": _ring,
     "multiprocessing.Queue": _mp(_queue, "put", "get"),
     "multiprocessing.SimpleQueue": _mp(_simple_queue, "put", "get"),
     "multiprocessing.Pipe": _mp(_pipe, "send_bytes", "recv_bytes"),
 }
+try:
+    import faster_fifo  # noqa: F401  (the bench extra)
+
+    CONTENDERS["faster_fifo.Queue (one at a time)"] = _mp(_faster_fifo, "put", "get")
+    CONTENDERS[f"faster_fifo.Queue (put_many/get_many of {MANY})"] = _faster_fifo_many
+except ImportError:
+    pass
 
 
 def main(argv: list[str] | None = None) -> int:
