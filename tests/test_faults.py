@@ -211,9 +211,14 @@ def test_item_timeout(kind: str) -> None:
     time.sleep(1.0)
 
 
+# A child started from a background job inherits SIGINT ignored, and Python then installs no
+# KeyboardInterrupt handler: install it, so that these tests run the same from any shell.
+_SIGINT_DEFAULT = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+
+
 def _run_child(code: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
+        [sys.executable, "-c", _SIGINT_DEFAULT + textwrap.dedent(code)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
