@@ -476,7 +476,7 @@ def _dies_at_40000(x: int) -> int:
 
 def test_a_crash_deep_in_a_large_batch_names_the_exact_item() -> None:
     # Quick items travel thousands to a batch; the worker's shared word says which it held.
-    pattern = r"exited with code 3 .* while running item \d+ of a batch of \d+"
+    pattern = r"exited with code 3 .* while running input item 40000 \(\d+ of a batch of \d+\)"
     with pytest.raises(pf.WorkerCrashed, match=pattern) as info:
         pf.Pipeline().stage(_dies_at_40000, workers=2).run(range(60_000))
     assert "on input item 40000" in info.value.__notes__[-1]

@@ -379,7 +379,9 @@ class Run:
         runner: _ThreadRunner | _ProcessRunner | None = None
         try:
             if st.step.kind == "process":
-                runner = _ProcessRunner(st, self._where(st, worker, None), self._stopping)
+                runner = _ProcessRunner(
+                    st, self._where(st, worker, None), self._stopping, self._position
+                )
                 with self._lock:
                     self._runners.append(runner)
                 runner.start()
@@ -764,10 +766,17 @@ class _ProcessRunner:
     again, up to ``retries`` times; then the run fails with ``WorkerCrashed`` or
     ``TimeoutError``."""
 
-    def __init__(self, st: _StepState, label: str, stopping: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        st: _StepState,
+        label: str,
+        stopping: Callable[[], bool],
+        position: Callable[[int, Key], str],
+    ) -> None:
         self.st = st
         self.label = label
         self.stopping = stopping
+        self.position = position  # names a key in a message: "input item 7"
         self.busy = 0  # requests the worker has not answered
         self._worker: WorkerProcess | None = None
         self._starting: WorkerProcess | None = None
@@ -807,7 +816,13 @@ class _ProcessRunner:
         attempt = 0
         while True:
             try:
-                out = self.worker.receive(pending[0].batch, self.st.step.timeout, slot)
+                batch = pending[0].batch
+                out = self.worker.receive(
+                    batch,
+                    self.st.step.timeout,
+                    slot,
+                    lambda i: self.position(self.st.segment, batch.key(i)),
+                )
             except (WorkerCrashed, TimeoutError):
                 if attempt >= self.st.step.retries or self.stopping():
                     raise

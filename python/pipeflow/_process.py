@@ -223,11 +223,19 @@ class WorkerProcess:
         """Queues an encoded request for the worker; it answers requests in order."""
         send_bytes(self.to_child, request)
 
-    def receive(self, batch: Batch, timeout: float | None, slot: Any) -> tuple[Batch, int]:
-        """Waits for the reply to the oldest request (for ``batch``); see :meth:`run_batch`."""
+    def receive(
+        self,
+        batch: Batch,
+        timeout: float | None,
+        slot: Any,
+        name: Callable[[int], str] | None = None,
+    ) -> tuple[Batch, int]:
+        """Waits for the reply to the oldest request (for ``batch``); see :meth:`run_batch`.
+        ``name(i)`` says which item the ``i``-th of the batch is, for a crash or timeout
+        message."""
         slot[0] = None
         try:
-            reply = self._wait_reply(timeout, what=lambda: self._doing(len(batch)))
+            reply = self._wait_reply(timeout, what=lambda: self._doing(len(batch), name))
         except (WorkerCrashed, TimeoutError):
             at = self.at[0]
             slot[0] = at if 0 <= at < len(batch) else None
@@ -238,11 +246,13 @@ class WorkerProcess:
         self._raise_remote(reply)
         raise AssertionError("unreachable")
 
-    def _doing(self, n: int) -> str:
+    def _doing(self, n: int, name: Callable[[int], str] | None) -> str:
         """What the worker was doing, from its shared word (read after it died or was killed)."""
         at = self.at[0]
         if 0 <= at < n:
-            return f"running item {at + 1} of a batch of {n}" if n > 1 else "running an item"
+            if name is None:
+                return f"running item {at + 1} of a batch of {n}"
+            return f"running {name(at)}" + (f" ({at + 1} of a batch of {n})" if n > 1 else "")
         if at == n:
             return f"sending the results of a batch of {n} item(s)"
         return f"receiving a batch of {n} item(s)"
