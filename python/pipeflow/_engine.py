@@ -817,12 +817,7 @@ class _ProcessRunner:
         while True:
             try:
                 batch = pending[0].batch
-                out = self.worker.receive(
-                    batch,
-                    self.st.step.timeout,
-                    slot,
-                    lambda i: self.position(self.st.segment, batch.key(i)),
-                )
+                out = self.worker.receive(batch, self.st.step.timeout, slot, self._namer(batch))
             except (WorkerCrashed, TimeoutError):
                 if attempt >= self.st.step.retries or self.stopping():
                     raise
@@ -841,6 +836,10 @@ class _ProcessRunner:
                 raise
             self.busy -= 1
             return out
+
+    def _namer(self, batch: Batch) -> Callable[[int], str]:
+        """Names the ``i``-th item of ``batch`` ("input item 7")."""
+        return lambda i: self.position(self.st.segment, batch.key(i))
 
     def interrupt(self) -> None:
         """At a stop: wakes this proxy at once if it waits for its worker, which then is killed
