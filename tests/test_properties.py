@@ -78,8 +78,14 @@ def test_random_pipeline_equals_sequential_reference(
     elif not any(op == "batch" for op, _ in steps):
         assert sorted(out) == sorted(expected)
     else:
-        # Unordered batches group items as they arrive: only the total is fixed.
-        assert sum(out) == sum(expected)
+        # Unordered batches group items as they arrive, so only the total is fixed, and only
+        # while every later step is affine (the maps): a filter or flat_map after the batch
+        # sees group sums that depend on the arrival order.
+        first_batch = next(i for i, (op, _) in enumerate(steps) if op == "batch")
+        if all(op in ("map", "batch") for op, _ in steps[first_batch:]):
+            assert sum(out) == sum(expected)
+        else:
+            assert all(isinstance(x, int) for x in out)
 
 
 @settings(max_examples=30, deadline=None)

@@ -200,3 +200,38 @@ def test_idle_workers_exit_with_the_interpreter() -> None:
     assert out.returncode == 0, out.stderr
     pids = [int(p) for p in out.stdout.split()]
     assert pids and not any(psutil.pid_exists(p) for p in pids)
+
+
+class OnlyInWorkers:
+    """A value that refuses to be unpickled in the process ``parent``."""
+
+    def __init__(self, value: int, parent: int) -> None:
+        self.value = value
+        self.parent = parent
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_only_in_workers, (self.value, self.parent))
+
+
+def _rebuild_only_in_workers(value: int, parent: int) -> OnlyInWorkers:
+    if os.getpid() == parent:
+        raise RuntimeError("unpickled in the parent")
+    return OnlyInWorkers(value, parent)
+
+
+def _make(item: tuple[int, int]) -> OnlyInWorkers:
+    return OnlyInWorkers(*item)
+
+
+def _use(o: OnlyInWorkers) -> int:
+    return o.value * 2
+
+
+def test_values_between_adjacent_process_stages_are_not_unpickled_in_the_parent() -> None:
+    items = [(x, os.getpid()) for x in range(20)]
+    # timeout= keeps batches at one item in both stages, so no batch is re-cut in the parent.
+    p = pf.Pipeline().stage(_make, workers=2, timeout=60).stage(_use, workers=2, timeout=60)
+    assert p.run(items) == [2 * x for x in range(20)]
+    # Through a thread stage the parent must unpickle them: this object says so.
+    with pytest.raises(RuntimeError, match="unpickled in the parent"):
+        pf.Pipeline().stage(_make).stage(_use, kind="thread").run(items)

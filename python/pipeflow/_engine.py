@@ -307,7 +307,7 @@ class Run:
         """Sends ``batch`` into ``channels[index]`` in pieces sized for its step."""
         ch = self.channels[index]
         size = self.states[index].chunk() if index < len(self.states) else MAX_CHUNK
-        n = len(batch.values)
+        n = len(batch)  # an encoded batch that fits is forwarded as it is
         try:
             if n <= size:
                 if n:

@@ -15,6 +15,7 @@ slow item cannot make the reorder buffer grow without bound.
 
 from __future__ import annotations
 
+import pickle
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -51,16 +52,46 @@ class Batch:
     source numbers consecutive items into a batch, and map and filter keep keys), or a list of
     keys once a flat_map split an item. Steps work on the ``values`` list alone, at C speed where
     they can, and a process stage pickles the list without a tuple per item.
+
+    A batch that came back from a worker process keeps its values pickled (:meth:`encoded`)
+    until something reads ``values``: when the next step is a process stage too, the parent
+    forwards the bytes as they are, and never unpickles and pickles them again.
     """
 
-    __slots__ = ("keys", "values")
+    __slots__ = ("_count", "_payload", "_values", "keys")
 
     def __init__(self, keys: int | list[Key], values: list[Any]) -> None:
         self.keys = keys
-        self.values = values
+        self._values: list[Any] | None = values
+        self._payload: bytes | None = None
+        self._count = len(values)
+
+    @classmethod
+    def encoded(cls, keys: int | list[Key], payload: bytes, count: int) -> Batch:
+        """A batch of ``count`` values, pickled in ``payload`` (see :meth:`payload`)."""
+        batch = cls.__new__(cls)
+        batch.keys = keys
+        batch._values = None
+        batch._payload = payload
+        batch._count = count
+        return batch
+
+    @property
+    def values(self) -> list[Any]:
+        """The values (unpickled on first use, for a batch made by :meth:`encoded`)."""
+        if self._values is None:
+            self._values = pickle.loads(self._payload)  # type: ignore[arg-type]
+            self._payload = None
+        return self._values
+
+    def payload(self) -> bytes:
+        """The values, pickled (protocol 5): as received, or pickled now."""
+        if self._payload is not None:
+            return self._payload
+        return pickle.dumps(self._values, protocol=5)
 
     def __len__(self) -> int:
-        return len(self.values)
+        return self._count
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (Batch, (self.keys, self.values))

@@ -213,7 +213,7 @@ class WorkerProcess:
         ``slot[0]``."""
         try:
             # Pickled here, not in send_message: a failure's traceback then holds no ring.
-            return pickle.dumps(("batch", batch), protocol=5)
+            return pickle.dumps(("batch", batch.keys, batch.payload()), protocol=5)
         except (pickle.PicklingError, TypeError, AttributeError) as e:
             e.add_note("pipeflow: an item could not be pickled to be sent to the worker process")
             slot[0] = first_unpicklable(batch.values)
@@ -241,7 +241,8 @@ class WorkerProcess:
             slot[0] = at if 0 <= at < len(batch) else None
             raise
         if reply[0] == "done":
-            return reply[1], reply[2]
+            _, keys, count, payload, n = reply
+            return Batch.encoded(keys, payload, count), n
         slot[0] = reply[3]
         self._raise_remote(reply)
         raise AssertionError("unreachable")

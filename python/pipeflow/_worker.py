@@ -20,6 +20,7 @@ from typing import Any
 
 from ._core import Ring, Word
 from ._errors import ChannelClosed
+from ._ordering import Batch
 from ._process import first_unpicklable, recv_message, send_message
 
 PARENT_CHECK = 1.0
@@ -75,7 +76,7 @@ def main(argv: list[str]) -> int:
                     return 1
                 send_message(outbox, ("ready",))
                 continue
-            batch = message[1]
+            batch = Batch(message[1], pickle.loads(message[2]))
             at[0] = -1
             try:
                 out, n = apply(fn, batch, at, False, never)  # it sets at[0] to each item's index
@@ -84,7 +85,9 @@ def main(argv: list[str]) -> int:
                 continue
             at[0] = len(batch)
             try:
-                send_message(outbox, ("done", out, n))
+                # The values pickled apart: the parent can forward them to a next process stage
+                # without unpickling them.
+                send_message(outbox, ("done", out.keys, len(out), out.payload(), n))
             except Exception as e:  # a result that does not pickle: report, don't die
                 e.add_note("pipeflow: a result of this batch could not be pickled")
                 send_message(outbox, _error_reply(e, first_unpicklable(out.values)))
