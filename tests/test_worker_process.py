@@ -235,3 +235,98 @@ def test_values_between_adjacent_process_stages_are_not_unpickled_in_the_parent(
     # Through a thread stage the parent must unpickle them: this object says so.
     with pytest.raises(RuntimeError, match="unpickled in the parent"):
         pf.Pipeline().stage(_make).stage(_use, kind="thread").run(items)
+
+
+def test_a_message_paused_between_frames_is_not_torn() -> None:
+    ring = Ring(4096)
+    message = bytes(range(256)) * 40  # several frames
+    data = __import__("pickle").dumps(message, protocol=5)
+    from pipeflow._process import _LAST, _MORE
+
+    step = ring.max_frame - 1
+    ring.push(_MORE + data[:step])
+    parts: list[bytes] = []
+    with pytest.raises(TimeoutError):
+        recv_message(ring, 0.05, parts)  # the writer pauses mid-message
+    assert len(parts) == 1  # kept for the next call
+    import threading
+
+    def rest() -> None:
+        for start in range(step, len(data), step):
+            more = start + step < len(data)
+            ring.push((_MORE if more else _LAST) + data[start : start + step], timeout=10)
+
+    t = threading.Thread(target=rest)
+    t.start()
+    assert recv_message(ring, 10, parts) == message
+    t.join()
+
+
+def test_sending_a_large_batch_to_a_dead_worker_raises_instead_of_hanging() -> None:
+    w = WorkerProcess("map", len, None, "stage 0 ('len')")
+    try:
+        w.proc.kill()
+        w.proc.wait()
+        big = Batch(0, [bytes(4 << 20)])  # larger than the ring: the push must wait for room
+        with pytest.raises(pf.WorkerCrashed, match=r"SIGKILL.*while sending a batch"):
+            w.send(w.encode(big, [None]))
+    finally:
+        w.stop()
+
+
+class OnlyInParent:
+    """A value that refuses to be unpickled anywhere but in the process ``parent``."""
+
+    def __init__(self, parent: int) -> None:
+        self.parent = parent
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_only_in_parent, (self.parent,))
+
+
+def _rebuild_only_in_parent(parent: int) -> OnlyInParent:
+    if os.getpid() != parent:
+        raise RuntimeError("unpickled outside the parent")
+    return OnlyInParent(parent)
+
+
+def test_an_item_that_does_not_unpickle_in_the_worker_is_an_error_not_a_crash() -> None:
+    items: list[object] = [*range(20), OnlyInParent(os.getpid())]
+    with pytest.raises(RuntimeError, match="unpickled outside the parent") as info:
+        pf.Pipeline().stage(abs).run(items)
+    assert "could not unpickle a batch" in "".join(info.value.__notes__)
+
+
+def _explode(x: int) -> list[object]:
+    import threading
+
+    return [threading.Lock()] if x == 500 else [x, x, x]
+
+
+def test_an_unpicklable_flat_map_output_names_its_input_item() -> None:
+    with pytest.raises(TypeError) as info:
+        pf.Pipeline().flat_map(_explode).run(range(1000))
+    assert "on input item 500" in info.value.__notes__[-1]
+
+
+def _count_and_time_out(arg: tuple[int, str]) -> int:
+    x, log = arg
+    with open(log, "a") as f:
+        f.write(f"{x}\n")
+    if x == 500:
+        raise TimeoutError("the stage's own timeout")
+    return x
+
+
+def test_a_timeout_error_raised_by_the_stage_is_retried_like_any_exception(
+    tmp_path: object,
+) -> None:
+    import collections
+    import pathlib
+
+    log = str(pathlib.Path(str(tmp_path), "calls"))
+    with pytest.raises(TimeoutError, match="the stage's own timeout"):
+        pf.Pipeline().stage(_count_and_time_out, retries=2).run([(x, log) for x in range(1000)])
+    calls = collections.Counter(pathlib.Path(log).read_text().split())
+    assert calls["500"] == 3  # retried in place, by the worker
+    assert all(n == 1 for k, n in calls.items() if k != "500")  # no batch was sent again

@@ -40,7 +40,7 @@ from ._core import Channel
 from ._errors import ChannelClosed, WorkerCrashed
 from ._ordering import SKIP, Batch, Key, Reorderer, Window, child_key
 from ._pool import default_pool
-from ._process import QUEUE_BYTES, Stopped, WorkerProcess, give_back, lease
+from ._process import QUEUE_BYTES, Stopped, WorkerProcess, WorkerTimeout, give_back, lease
 from .pipeline import Step
 
 __all__ = ["Run", "worker_state"]
@@ -778,6 +778,8 @@ class _ProcessRunner:
         self.stopping = stopping
         self.position = position  # names a key in a message: "input item 7"
         self.busy = 0  # requests the worker has not answered
+        self._lock = threading.Lock()  # interrupt() against close()
+        self._closed = False
         self._worker: WorkerProcess | None = None
         self._starting: WorkerProcess | None = None
 
@@ -818,7 +820,7 @@ class _ProcessRunner:
             try:
                 batch = pending[0].batch
                 out = self.worker.receive(batch, self.st.step.timeout, slot, self._namer(batch))
-            except (WorkerCrashed, TimeoutError):
+            except (WorkerCrashed, WorkerTimeout):  # not a TimeoutError the step raised
                 if attempt >= self.st.step.retries or self.stopping():
                     raise
                 attempt += 1
@@ -844,15 +846,20 @@ class _ProcessRunner:
     def interrupt(self) -> None:
         """At a stop: wakes this proxy at once if it waits for its worker, which then is killed
         (it may hold a long item, or be starting)."""
-        starting = self._starting
-        if starting is not None:
-            starting.interrupt()
-        elif self.busy:
-            self.worker.interrupt()
+        with self._lock:
+            if self._closed:
+                return  # its worker may be back in the warm set, or another run's already
+            starting, worker = self._starting, self._worker
+            if starting is not None:
+                starting.interrupt()
+            elif worker is not None and self.busy:  # None: being replaced after a crash
+                worker.interrupt()
 
     def close(self) -> None:
         """Returns an idle worker to the warm set, also after a stop (an exception in a step
         leaves its worker idle and sound); kills one a stop left holding a batch."""
+        with self._lock:
+            self._closed = True
         if self._worker is None:
             return  # it did not start
         if self.busy:

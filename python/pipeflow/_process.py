@@ -52,6 +52,7 @@ __all__ = [
     "RemoteTraceback",
     "Stopped",
     "WorkerProcess",
+    "WorkerTimeout",
     "first_unpicklable",
     "give_back",
     "lease",
@@ -83,6 +84,11 @@ class _ClosedRing:
 _CLOSED: Any = _ClosedRing()
 
 
+class WorkerTimeout(TimeoutError):
+    """The parent killed a worker that held a batch past its ``timeout`` (unlike a
+    ``TimeoutError`` the stage's own code raised, which comes back as it is)."""
+
+
 class Stopped(Exception):
     """The run stopped while a worker held a batch (the worker was killed)."""
 
@@ -103,23 +109,40 @@ def send_message(ring: Ring, obj: Any, timeout: float | None = None) -> None:
     send_bytes(ring, pickle.dumps(obj, protocol=5), timeout)
 
 
-def send_bytes(ring: Ring, data: bytes, timeout: float | None = None) -> None:
-    """Pushes a pickled message as one or more frames."""
+def send_bytes(
+    ring: Ring,
+    data: bytes,
+    timeout: float | None = None,
+    check: Callable[[], None] | None = None,
+) -> None:
+    """Pushes a pickled message as one or more frames. With ``check``, a push that waits for
+    room waits in ``POLL`` slices and calls ``check()`` between them (it raises to give up: the
+    reader died, the run stopped)."""
     step = ring.max_frame - 1
     for start in range(0, max(len(data), 1), step):
-        chunk = data[start : start + step]
-        more = start + step < len(data)
-        ring.push((_MORE if more else _LAST) + chunk, timeout)
+        frame = (_MORE if start + step < len(data) else _LAST) + data[start : start + step]
+        if check is None:
+            ring.push(frame, timeout)
+            continue
+        while True:
+            try:
+                ring.push(frame, POLL)
+                break
+            except TimeoutError:
+                check()
 
 
-def recv_message(ring: Ring, timeout: float | None = None) -> Any:
-    """Pops frames until a whole message is in, and unpickles it."""
-    parts = []
+def recv_message(ring: Ring, timeout: float | None = None, parts: list[bytes] | None = None) -> Any:
+    """Pops frames until a whole message is in, and unpickles it. ``parts`` keeps the frames of
+    a message begun when a ``TimeoutError`` comes, for the next call to go on with."""
+    parts = [] if parts is None else parts
     while True:
         frame = ring.pop(timeout)
         parts.append(frame[1:])
         if frame[:1] == _LAST:
-            return pickle.loads(b"".join(parts))
+            data = b"".join(parts)
+            parts.clear()
+            return pickle.loads(data)
 
 
 def first_unpicklable(values: list[Any]) -> int | None:
@@ -167,6 +190,7 @@ class WorkerProcess:
         # The index in its batch of the item the worker runs: -1 before the first, the batch's
         # length after the last. Read only after the worker died.
         self.at = Word()
+        self.at[0] = -1
         fds = [self.to_child.fd, self.from_child.fd, self.at.fd]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeflow._worker", *map(str, fds)],
@@ -186,7 +210,11 @@ class WorkerProcess:
             # The parent's sys.path, so that functions pickled by reference (from modules the
             # parent imported: a test file, a package under development) import in the child.
             setup = ("setup", op, cloudpickle.dumps(fn), cloudpickle.dumps(init), sys.path)
-            send_message(self.to_child, setup)
+            send_bytes(
+                self.to_child,
+                pickle.dumps(setup, protocol=5),
+                check=lambda: self._check_alive(lambda: "starting"),
+            )
             reply = self._wait_reply(START_TIMEOUT, what=lambda: "starting")
             if reply[0] != "ready":
                 self._raise_remote(reply)
@@ -214,14 +242,30 @@ class WorkerProcess:
         try:
             # Pickled here, not in send_message: a failure's traceback then holds no ring.
             return pickle.dumps(("batch", batch.keys, batch.payload()), protocol=5)
-        except (pickle.PicklingError, TypeError, AttributeError) as e:
+        except Exception as e:
             e.add_note("pipeflow: an item could not be pickled to be sent to the worker process")
             slot[0] = first_unpicklable(batch.values)
             raise
 
     def send(self, request: bytes) -> None:
-        """Queues an encoded request for the worker; it answers requests in order."""
-        send_bytes(self.to_child, request)
+        """Queues an encoded request for the worker; it answers requests in order. A request
+        larger than the room in the ring waits for the worker to read: if it dies meanwhile,
+        this raises ``WorkerCrashed`` (or ``Stopped``, if the run stopped)."""
+        send_bytes(
+            self.to_child, request, check=lambda: self._check_alive(lambda: "sending a batch")
+        )
+
+    def _check_alive(self, what: Callable[[], str]) -> None:
+        """Raises if the run stopped (killing the worker) or the worker died."""
+        if self.stopping():
+            self.kill()
+            raise Stopped(f"{self.label}: the run stopped; the worker process was killed")
+        code = self.proc.poll()
+        if code is not None:
+            raise WorkerCrashed(
+                f"{self.label}: the worker process (pid {self.proc.pid}) "
+                f"{_describe_exit(code)} while {what()}"
+            )
 
     def receive(
         self,
@@ -260,25 +304,28 @@ class WorkerProcess:
 
     def _wait_reply(self, timeout: float | None, what: Callable[[], str]) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
+        parts: list[bytes] = []  # a reply's frames so far: a slow writer may pause mid-reply
         while True:
             try:
-                return recv_message(self.from_child, POLL)
+                return recv_message(self.from_child, POLL, parts)
             except TimeoutError:
                 pass
             except ChannelClosed:
-                pass  # the child closed its end: it is exiting; its status says why
+                # The child closed its end (it is exiting: its status will say why), or a stop
+                # interrupted this wait. Either way, do not spin on the closed ring.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(POLL)
             if self.stopping():
                 self.kill()
                 raise Stopped(f"{self.label}: the run stopped; the worker process was killed")
-            code = self.proc.poll()
-            if code is not None:
-                raise WorkerCrashed(
-                    f"{self.label}: the worker process (pid {self.proc.pid}) "
-                    f"{_describe_exit(code)} while {what()}"
-                )
+            if self.proc.poll() is not None:
+                # A reply the worker finished before it died is still in the ring: take it.
+                with contextlib.suppress(TimeoutError, ChannelClosed):
+                    return recv_message(self.from_child, 0, parts)
+                self._check_alive(what)
             if deadline is not None and time.monotonic() >= deadline:
                 self.kill()
-                raise TimeoutError(
+                raise WorkerTimeout(
                     f"{self.label}: no reply within timeout={timeout} s while {what()}; "
                     f"the worker process (pid {self.proc.pid}) was killed"
                 )
@@ -343,7 +390,7 @@ def lease(
             worker = _idle.pop() if _idle else None
         if worker is None:
             return WorkerProcess(op, fn, init, label, stopping, attach)
-        if worker.proc.poll() is None:
+        if worker.proc.poll() is None and not worker.interrupted:
             if attach is not None:
                 attach(worker)
             worker.setup(op, fn, init, label, stopping)

@@ -32,8 +32,24 @@ def _error_reply(error: BaseException, key: Any = None) -> tuple[str, bytes, str
         payload = pickle.dumps(error, protocol=5)
         pickle.loads(payload)
     except Exception:
-        payload = pickle.dumps(RuntimeError(f"{type(error).__name__}: {error}"), protocol=5)
+        try:
+            text_of = f"{type(error).__name__}: {error}"
+        except Exception:  # even its message fails: say what can be said
+            text_of = f"{type(error).__name__} (its message could not be read)"
+        payload = pickle.dumps(RuntimeError(text_of), protocol=5)
     return ("error", payload, text, key)
+
+
+def _input_index(batch: Batch, out: Batch, j: int) -> int | None:
+    """The index in ``batch`` of the item whose output ``j`` of ``out`` is (a flat_map gives
+    some items several outputs, with child keys: see ``_ordering.child_key``)."""
+    if not isinstance(out.keys, list):
+        return j  # one output per input
+    index = {batch.key(i): i for i in range(len(batch))}
+    key: Any = out.keys[j]
+    while key not in index and isinstance(key, tuple):
+        key = key[0] if len(key) == 3 else key[:-2]  # the parent of a child key
+    return index.get(key)
 
 
 def _watch_parent(parent: int) -> None:
@@ -67,7 +83,20 @@ def main(argv: list[str]) -> int:
     apply: Any = None
     try:
         while True:
-            message = recv_message(inbox)
+            at[0] = -1  # "receiving": a crash now is not any item's
+            try:
+                message = recv_message(inbox)
+                if message[0] == "batch":
+                    batch = Batch(message[1], pickle.loads(message[2]))
+            except ChannelClosed:
+                raise
+            except Exception as e:  # the request was read whole, but does not unpickle here
+                e.add_note(
+                    "pipeflow: the worker process could not unpickle a batch sent to it "
+                    "(are the items' classes importable from the worker, not only __main__?)"
+                )
+                send_message(outbox, _error_reply(e))
+                continue
             if message[0] == "setup":  # the first request, and again when a warm worker is reused
                 try:
                     fn, apply = _setup(message)
@@ -76,8 +105,6 @@ def main(argv: list[str]) -> int:
                     return 1
                 send_message(outbox, ("ready",))
                 continue
-            batch = Batch(message[1], pickle.loads(message[2]))
-            at[0] = -1
             try:
                 out, n = apply(fn, batch, at, False, never)  # it sets at[0] to each item's index
             except BaseException as e:
@@ -90,7 +117,10 @@ def main(argv: list[str]) -> int:
                 send_message(outbox, ("done", out.keys, len(out), out.payload(), n))
             except Exception as e:  # a result that does not pickle: report, don't die
                 e.add_note("pipeflow: a result of this batch could not be pickled")
-                send_message(outbox, _error_reply(e, first_unpicklable(out.values)))
+                bad = first_unpicklable(out.values)
+                send_message(
+                    outbox, _error_reply(e, None if bad is None else _input_index(batch, out, bad))
+                )
     except ChannelClosed:
         return 0
     finally:
