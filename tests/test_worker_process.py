@@ -330,3 +330,48 @@ def test_a_timeout_error_raised_by_the_stage_is_retried_like_any_exception(
     calls = collections.Counter(pathlib.Path(log).read_text().split())
     assert calls["500"] == 3  # retried in place, by the worker
     assert all(n == 1 for k, n in calls.items() if k != "500")  # no batch was sent again
+
+
+def test_classes_defined_in_a_scripts_main_cross_as_items_results_and_errors(
+    tmp_path: object,
+) -> None:
+    import pathlib
+    import subprocess
+    import sys
+    import textwrap
+
+    script = pathlib.Path(str(tmp_path), "script.py")
+    script.write_text(
+        textwrap.dedent(
+            """
+            import dataclasses
+            import pipeflow as pf
+
+            @dataclasses.dataclass
+            class Point:
+                x: int
+
+            class Odd(Exception):
+                pass
+
+            def move(p):
+                if p.x == 7_777:
+                    raise Odd(p.x)
+                return Point(p.x + 1)
+
+            if __name__ == "__main__":
+                items = (Point(i) for i in range(5000))
+                out = pf.Pipeline().stage(move, workers=2).stage(move, workers=2).run(items)
+                assert out == [Point(i + 2) for i in range(5000)]
+                assert all(type(p) is Point for p in out)
+                try:
+                    pf.Pipeline().stage(move).run(Point(i) for i in range(10_000))
+                except Odd as e:
+                    print("raised Odd;", e.__notes__[-1])
+            """
+        )
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "raised Odd; pipeflow: raised in stage 0 ('move', process worker" in out.stdout
+    assert "on input item 7777" in out.stdout

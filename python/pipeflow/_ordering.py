@@ -20,6 +20,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import cloudpickle
+
 __all__ = ["SKIP", "Batch", "Reorderer", "Window", "child_key"]
 
 
@@ -85,10 +87,12 @@ class Batch:
         return self._values
 
     def payload(self) -> bytes:
-        """The values, pickled (protocol 5): as received, or pickled now."""
+        """The values, pickled (protocol 5): as received, or pickled now, with cloudpickle, so
+        that instances of classes defined in ``__main__`` (a script, a notebook) cross too. For
+        plain values it is as fast as pickle (C pickler)."""
         if self._payload is not None:
             return self._payload
-        return pickle.dumps(self._values, protocol=5)
+        return cloudpickle.dumps(self._values, protocol=5)  # type: ignore[no-any-return]
 
     def __len__(self) -> int:
         return self._count

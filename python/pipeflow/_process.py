@@ -149,7 +149,7 @@ def first_unpicklable(values: list[Any]) -> int | None:
     """The index of the first value that does not pickle (for error messages only)."""
     for i, value in enumerate(values):
         try:
-            pickle.dumps(value, protocol=5)
+            cloudpickle.dumps(value, protocol=5)
         except Exception:
             return i
     return None

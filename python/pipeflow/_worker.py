@@ -18,6 +18,8 @@ import threading
 import traceback
 from typing import Any
 
+import cloudpickle
+
 from ._core import Ring, Word
 from ._errors import ChannelClosed
 from ._ordering import Batch
@@ -29,7 +31,7 @@ PARENT_CHECK = 1.0
 def _error_reply(error: BaseException, key: Any = None) -> tuple[str, bytes, str, Any]:
     text = "".join(traceback.format_exception(error))
     try:
-        payload = pickle.dumps(error, protocol=5)
+        payload = cloudpickle.dumps(error, protocol=5)  # an exception class from __main__ too
         pickle.loads(payload)
     except Exception:
         try:
