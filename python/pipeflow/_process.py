@@ -313,8 +313,9 @@ class WorkerProcess:
             except ChannelClosed:
                 # The child closed its end (it is exiting: its status will say why), or a stop
                 # interrupted this wait. Either way, do not spin on the closed ring.
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(POLL)
+                if not self.stopping():
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.proc.wait(POLL)
             if self.stopping():
                 self.kill()
                 raise Stopped(f"{self.label}: the run stopped; the worker process was killed")
