@@ -375,3 +375,36 @@ def test_classes_defined_in_a_scripts_main_cross_as_items_results_and_errors(
     assert out.returncode == 0, out.stderr
     assert "raised Odd; pipeflow: raised in stage 0 ('move', process worker" in out.stdout
     assert "on input item 7777" in out.stdout
+
+
+def test_a_pipeline_inside_a_multiprocessing_child_sends_the_scripts_functions(
+    tmp_path: object,
+) -> None:
+    # A spawn or forkserver child runs the script as __mp_main__, which our workers cannot import.
+    import pathlib
+    import subprocess
+    import sys
+    import textwrap
+
+    script = pathlib.Path(str(tmp_path), "script.py")
+    script.write_text(
+        textwrap.dedent(
+            """
+            import multiprocessing as mp
+            import pipeflow as pf
+
+            def inc(x):
+                return x + 1
+
+            def run_pipeline(n):
+                return pf.Pipeline().stage(inc, workers=2).run(range(n))
+
+            if __name__ == "__main__":
+                with mp.get_context("forkserver").Pool(1) as pool:
+                    print(pool.apply(run_pipeline, (5,)))
+            """
+        )
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[1, 2, 3, 4, 5]"

@@ -155,6 +155,15 @@ def first_unpicklable(values: list[Any]) -> int | None:
     return None
 
 
+def _pickle_mp_main_by_value() -> None:
+    """In a ``multiprocessing`` child started by spawn or forkserver, the script's functions and
+    classes live in ``__mp_main__``, a module our workers cannot import: pickle them by value,
+    as cloudpickle does for ``__main__``."""
+    module = sys.modules.get("__mp_main__")
+    if module is not None and module.__name__ == "__mp_main__":
+        cloudpickle.register_pickle_by_value(module)
+
+
 def _describe_exit(code: int) -> str:
     if code < 0:
         try:
@@ -424,5 +433,6 @@ def _forget_idle_after_fork() -> None:
     _idle.clear()  # the parent's children: not ours to stop
 
 
+_pickle_mp_main_by_value()
 os.register_at_fork(after_in_child=_forget_idle_after_fork)
 atexit.register(shutdown_idle)
