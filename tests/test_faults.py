@@ -119,7 +119,7 @@ def test_early_break_stops_and_cleans_up(kind: str) -> None:
     for x in it:
         if x == 10:
             break
-    it.close()  # type: ignore[attr-defined]
+    it.close()
     n = len(started)
     time.sleep(0.05)
     assert len(started) == n  # nothing runs after the loop is left

@@ -18,6 +18,7 @@ from ._context import Context as Context
 from ._context import current_context as current_context
 from ._core import Channel as Channel
 from ._core import select as select
+from ._engine import Results as Results
 from ._engine import worker_state as worker_state
 from ._errors import Cancelled as Cancelled
 from ._errors import ChannelClosed as ChannelClosed
@@ -38,6 +39,7 @@ __all__ = [
     "Group",
     "PipeflowError",
     "Pipeline",
+    "Results",
     "StageOptions",
     "Task",
     "WorkerCrashed",

@@ -7,7 +7,7 @@ engine that runs a pipeline lives in ``_engine``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, Unpack
 
@@ -15,7 +15,7 @@ from ._context import Context
 from ._core import Channel
 
 if TYPE_CHECKING:
-    from ._engine import Run
+    from ._engine import Results, Run
 
 __all__ = ["Pipeline", "StageOptions", "Step"]
 
@@ -257,7 +257,7 @@ class Pipeline:
         context: Context | None = None,
         timeout: float | None = None,
         backend: str | None = None,
-    ) -> Iterator[Any]:
+    ) -> Results:
         """Runs the pipeline lazily: results stream out, memory stays bounded.
 
         Leaving the loop early (``break``, an exception, ``close()``) stops the workers and
