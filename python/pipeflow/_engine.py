@@ -307,9 +307,12 @@ class Run:
         """Sends ``batch`` into ``channels[index]`` in pieces sized for its step."""
         ch = self.channels[index]
         size = self.states[index].chunk() if index < len(self.states) else MAX_CHUNK
-        n = len(batch)  # an encoded batch that fits is forwarded as it is
+        n = len(batch)
+        # An encoded batch (a process step's output) goes on whole up to twice the size: cutting
+        # it would cost an unpickle and two pickles here, more than a batch a little too large.
+        fits = n <= (2 * size if batch.encoded_now else size)
         try:
-            if n <= size:
+            if fits:
                 if n:
                     ch.send(batch)
             else:

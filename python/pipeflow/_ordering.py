@@ -79,6 +79,11 @@ class Batch:
         return batch
 
     @property
+    def encoded_now(self) -> bool:
+        """Whether the values are still pickled (:meth:`encoded`, not read yet)."""
+        return self._values is None
+
+    @property
     def values(self) -> list[Any]:
         """The values (unpickled on first use, for a batch made by :meth:`encoded`)."""
         if self._values is None:
