@@ -325,14 +325,11 @@ class WorkerProcess:
                 if not self.stopping():
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         self.proc.wait(POLL)
-            if self.stopping():
-                self.kill()
-                raise Stopped(f"{self.label}: the run stopped; the worker process was killed")
-            if self.proc.poll() is not None:
+            if not self.stopping() and self.proc.poll() is not None:
                 # A reply the worker finished before it died is still in the ring: take it.
                 with contextlib.suppress(TimeoutError, ChannelClosed):
                     return recv_message(self.from_child, 0, parts)
-                self._check_alive(what)
+            self._check_alive(what)
             if deadline is not None and time.monotonic() >= deadline:
                 self.kill()
                 raise WorkerTimeout(
