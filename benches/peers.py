@@ -368,6 +368,11 @@ class Row:
         return "before the clock (warm)" if self.warm else "in the clock (cold)"
 
 
+def rows(cold: Sequence[Peer], warm: Sequence[Peer]) -> list[Row]:
+    """The rows of a table: each of ``cold`` measured cold, then each of ``warm`` warm."""
+    return [Row(peer) for peer in cold] + [Row(peer, warm=True) for peer in warm]
+
+
 def check(label: str, out: list[Any], expected: list[Any], ordered: bool = True) -> None:
     """Raises unless ``out`` is ``expected`` (in any order when not ``ordered``)."""
     if (out if ordered else sorted(out)) != expected:

@@ -36,6 +36,7 @@ from benches.peers import (
     measured,
     pipeflow_figures,
     rate,
+    rows,
     spin,
     versus,
 )
@@ -52,28 +53,23 @@ def w1_rows(slow: int) -> list[Row]:
     pool_map, pool_imap = MpPool("map"), MpPool("imap", TUNED)
     ppe, joblib, loky = Executor(TUNED), Joblib(), Loky(TUNED)
     mpire, pebble = Mpire(), Pebble(TUNED)
-    return [
-        Row(ours),
-        Row(pool_map),
-        Row(MpPool("map", method="fork")),
-        Row(pool_imap),
-        Row(Executor(1, slow=slow)),
-        Row(ppe),
-        Row(joblib),
-        Row(loky),
-        Row(mpire),
-        Row(Pypeln(slow=2 * slow)),
-        Row(Pebble(1, slow=slow)),
-        Row(pebble),
-        Row(ours, warm=True),
-        Row(pool_map, warm=True),
-        Row(pool_imap, warm=True),
-        Row(ppe, warm=True),
-        Row(joblib, warm=True),
-        Row(loky, warm=True),
-        Row(mpire, warm=True),
-        Row(pebble, warm=True),
-    ]
+    return rows(
+        [
+            ours,
+            pool_map,
+            MpPool("map", method="fork"),
+            pool_imap,
+            Executor(1, slow=slow),
+            ppe,
+            joblib,
+            loky,
+            mpire,
+            Pypeln(slow=2 * slow),
+            Pebble(1, slow=slow),
+            pebble,
+        ],
+        [ours, pool_map, pool_imap, ppe, joblib, loky, mpire, pebble],
+    )
 
 
 def w2_rows(n: int, slow: int) -> list[Row]:
@@ -82,22 +78,18 @@ def w2_rows(n: int, slow: int) -> list[Row]:
     much smaller a run the per-item peers get."""
     chunk = max(1, n // (4 * WORKERS))
     ours, pool_map, mpire = Pipeflow(), MpPool("map"), Mpire()
-    return [
-        Row(Serial()),
-        Row(ours),
-        Row(pool_map),
-        Row(Executor(1, slow=slow)),
-        Row(mpire),
-        Row(Pypeln(slow=slow)),
-        Row(Pebble(1, slow=slow)),
-        Row(ours, warm=True),
-        Row(pool_map, warm=True),
-        Row(Executor(chunk), warm=True),
-        Row(Joblib(), warm=True),
-        Row(Loky(chunk), warm=True),
-        Row(mpire, warm=True),
-        Row(Pebble(chunk), warm=True),
-    ]
+    return rows(
+        [
+            Serial(),
+            ours,
+            pool_map,
+            Executor(1, slow=slow),
+            mpire,
+            Pypeln(slow=slow),
+            Pebble(1, slow=slow),
+        ],
+        [ours, pool_map, Executor(chunk), Joblib(), Loky(chunk), mpire, Pebble(chunk)],
+    )
 
 
 def w1(n: int, slow: int, rounds: int) -> None:

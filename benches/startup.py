@@ -32,6 +32,7 @@ from benches.peers import (
     markdown_table,
     ms,
     pipeflow_figures,
+    rows,
     versus,
     whoami,
 )
@@ -39,30 +40,26 @@ from benches.peers import (
 ROUNDS = 5
 
 
-def rows() -> list[Row]:
+def w7_rows() -> list[Row]:
     pool_fs, ppe_fs, joblib, loky = MpPool("imap"), Executor(1), Joblib(), Loky(1)
     mpire_fs, pebble_fs, ours = Mpire(), Pebble(1), Pipeflow()
-    return [
-        Row(ours),
-        Row(MpPool("imap", method="fork")),
-        Row(pool_fs),
-        Row(MpPool("imap", method="spawn")),
-        Row(Executor(1, method="fork")),
-        Row(ppe_fs),
-        Row(joblib),
-        Row(loky),
-        Row(Mpire(method="fork")),
-        Row(mpire_fs),
-        Row(Pebble(1, method="fork")),
-        Row(pebble_fs),
-        Row(ours, warm=True),
-        Row(pool_fs, warm=True),
-        Row(ppe_fs, warm=True),
-        Row(joblib, warm=True),
-        Row(loky, warm=True),
-        Row(mpire_fs, warm=True),
-        Row(pebble_fs, warm=True),
-    ]
+    return rows(
+        [
+            ours,
+            MpPool("imap", method="fork"),
+            pool_fs,
+            MpPool("imap", method="spawn"),
+            Executor(1, method="fork"),
+            ppe_fs,
+            joblib,
+            loky,
+            Mpire(method="fork"),
+            mpire_fs,
+            Pebble(1, method="fork"),
+            pebble_fs,
+        ],
+        [ours, pool_fs, ppe_fs, joblib, loky, mpire_fs, pebble_fs],
+    )
 
 
 def _elsewhere(row: Row, out: list[Any], expected: list[Any]) -> None:
@@ -79,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     with mp.get_context("forkserver").Pool(1) as pool:  # starts the server: once per process
         assert pool.apply(whoami, (0,))[1] != os.getpid()
     server = time.perf_counter() - t0
-    figures = compare(rows(), whoami, [0], rounds, first=True, verify=_elsewhere)
+    figures = compare(w7_rows(), whoami, [0], rounds, first=True, verify=_elsewhere)
     markdown_table(
         f"W7 start-up: creating the pipeline or pool to the first result of f(x)=(x, pid) "
         f"({WORKERS} workers, median of {rounds})",
