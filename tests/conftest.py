@@ -1,4 +1,5 @@
-"""Shared fixtures: every test must leave no thread, task or file descriptor behind."""
+"""Shared fixtures: every test must leave no thread, task, file descriptor, child process or
+shared-memory block behind."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from pipeflow import _pool, _process
+from pipeflow import _pool, _process, _shm
 
 KINDS = ["thread", "process"]
 
@@ -57,6 +58,9 @@ def assert_clean(threads_before: int, python_threads_before: int, fds_before: in
     assert wait_until(lambda: not psutil.Process().children(recursive=True)), (
         f"child processes left: {psutil.Process().children(recursive=True)}"
     )
+    assert wait_until(lambda: _shm.stats()["blocks"] == 0), (
+        f"shared-memory blocks left: {_shm.stats()}"
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -75,4 +79,6 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # The arena lives as long as the process (one memfd): made first, so that no test counts it.
+    _shm.arena()
     config.addinivalue_line("markers", "leaky: the test leaves threads running on purpose")

@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 import pipeflow as pf
+from pipeflow import _shm
 from pipeflow._core import Ring
 from pipeflow._ordering import Batch
 from pipeflow._process import RemoteTraceback, WorkerProcess, recv_message, send_message
@@ -262,14 +263,17 @@ def test_a_message_paused_between_frames_is_not_torn() -> None:
     t.join()
 
 
-def test_sending_a_large_batch_to_a_dead_worker_raises_instead_of_hanging() -> None:
+def test_sending_a_large_batch_to_a_dead_worker_raises_instead_of_hanging(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_shm, "BIG_PICKLE", 1 << 40)  # as when the arena is full: by the ring
     w = WorkerProcess("map", len, None, "stage 0 ('len')")
     try:
         w.proc.kill()
         w.proc.wait()
         big = Batch(0, [bytes(4 << 20)])  # larger than the ring: the push must wait for room
         with pytest.raises(pf.WorkerCrashed, match=r"SIGKILL.*while sending a batch"):
-            w.send(w.encode(big, [None]))
+            w.send(w.encode(big, [None])[0])
     finally:
         w.stop()
 

@@ -7,6 +7,8 @@ The layers, bottom up:
 - ``_context``, ``_group``: cancellation scopes (:class:`Context`) and errgroup (:class:`Group`).
 - ``pipeline``, ``_engine``, ``_ordering``: the :class:`Pipeline` DSL and the engine that runs it
   with bounded workers, bounded channels, ordered results and first-error cancellation.
+- ``_process``, ``_worker``, ``_shm``: process stages: worker processes fed through shared-memory
+  rings, and large buffers (numpy arrays) through a shared-memory arena, without copies.
 
 Example:
     >>> import pipeflow as pf
@@ -27,6 +29,9 @@ from ._errors import PipeflowError as PipeflowError
 from ._errors import WorkerCrashed as WorkerCrashed
 from ._group import Group as Group
 from ._group import Task as Task
+from ._shm import arena_size as arena_size
+from ._shm import empty as empty
+from ._shm import set_arena_size as set_arena_size
 from .pipeline import Pipeline as Pipeline
 from .pipeline import StageOptions as StageOptions
 
@@ -43,8 +48,11 @@ __all__ = [
     "StageOptions",
     "Task",
     "WorkerCrashed",
+    "arena_size",
     "current_context",
+    "empty",
     "select",
+    "set_arena_size",
     "worker_state",
 ]
 

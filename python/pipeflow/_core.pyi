@@ -3,7 +3,7 @@
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, final
 
-__all__ = ["Channel", "Pool", "Ring", "Word", "select"]
+__all__ = ["Arena", "Block", "Channel", "Pool", "Ring", "Word", "select"]
 
 @final
 class Channel:
@@ -151,3 +151,64 @@ class Word:
     def map(self, func: Callable[[Any], Any], values: list[Any]) -> list[Any]:
         """``[func(v) for v in values]``, storing each item's index first; when ``func``
         raises, the word holds the index of the item that raised."""
+
+_Desc = tuple[int, int, int, int]
+"""A block (or a byte range inside one) as named in a message: ``(slot, gen, start, len)``."""
+
+@final
+class Arena:
+    """A shared-memory arena: blocks of one memfd that processes allocate, share and free.
+
+    Blocks are whole pages; the last reference to a block frees it and returns its pages to the
+    OS. A process killed at any instant cannot wedge the arena (its mutex is robust); the blocks
+    a dead writer had not shared are freed by :meth:`reclaim`. The creator passes ``fd`` to other
+    processes, which map it with ``Arena.open(fd)``.
+
+    Example:
+        >>> from pipeflow._core import Arena
+        >>> arena = Arena(1 << 20)
+        >>> block = arena.empty(10, 0)
+        >>> memoryview(block)[:3] = b"abc"
+        >>> bytes(arena.adopt(block.desc, incref=True))[:3]
+        b'abc'
+        >>> del block
+        >>> arena.stats()["blocks"]
+        0
+    """
+
+    def __new__(cls, size: int, slots: int = 4096) -> Arena: ...
+    @staticmethod
+    def open(fd: int) -> Arena:
+        """Maps an arena created by another process from its memfd (duplicated, not taken)."""
+    @property
+    def fd(self) -> int:
+        """The memfd's descriptor, to pass to other processes."""
+    @property
+    def size(self) -> int:
+        """Bytes available for blocks."""
+    @property
+    def slots(self) -> int:
+        """How many blocks may be live at once."""
+    def put(self, buffer: Any, owner: int) -> _Desc | None:
+        """A descriptor for the bytes of a contiguous byte buffer, carrying one reference for a
+        message: the block holding them if they live in this arena already, else a new block
+        they are copied into (the GIL released). ``None`` when the arena has no room."""
+    def adopt(self, desc: _Desc, incref: bool = False) -> Block:
+        """A :class:`Block` holding the reference ``desc`` carried (or a new one with
+        ``incref``); ``ValueError`` if ``desc`` names no live block."""
+    def empty(self, nbytes: int, owner: int) -> Block | None:
+        """A new zero-filled block of ``nbytes``, or ``None`` when the arena has no room."""
+    def reclaim(self, owner: int) -> int:
+        """Frees the unshared blocks of a dead process tagged ``owner``; returns how many."""
+    def stats(self) -> dict[str, int]:
+        """``live_bytes``, ``blocks`` and ``resident_bytes`` (memory the memfd holds)."""
+
+@final
+class Block:
+    """One reference to a block of an :class:`Arena`; its bytes through the buffer protocol
+    (writable), so that a numpy array can be a view on it, keeping it alive through its base."""
+
+    @property
+    def desc(self) -> _Desc:
+        """``(slot, gen, start, len)``, to name the block in a message."""
+    def __len__(self) -> int: ...

@@ -439,7 +439,7 @@ class Run:
                     closed, batch = True, None
                 if batch is not None:
                     slot[2] = batch
-                    held = _Pending(batch, runner.encode(batch, slot))
+                    held = _Pending(batch, *runner.encode(batch, slot))
             if held is not None and (not pending or len(held.request) <= QUEUE_BYTES):
                 runner.send(held.request)
                 held.sent = perf_counter()
@@ -778,13 +778,15 @@ class _ThreadRunner:
 
 
 class _Pending:
-    """A batch on its way to a worker process: its encoded request, and when it was sent."""
+    """A batch on its way to a worker process: its encoded request, the shared-memory blocks of
+    the request's large buffers (held until the worker answered), and when it was sent."""
 
-    __slots__ = ("batch", "request", "sent")
+    __slots__ = ("batch", "keep", "request", "sent")
 
-    def __init__(self, batch: Batch, request: bytes) -> None:
+    def __init__(self, batch: Batch, request: bytes, keep: list[Any]) -> None:
         self.batch = batch
         self.request = request
+        self.keep = keep
         self.sent = 0.0
 
 

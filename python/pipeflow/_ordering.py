@@ -15,12 +15,14 @@ slow item cannot make the reorder buffer grow without bound.
 
 from __future__ import annotations
 
-import pickle
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import cloudpickle
+from . import _shm
+
+if TYPE_CHECKING:
+    from ._core import Block
 
 __all__ = ["SKIP", "Batch", "Reorderer", "Window", "child_key"]
 
@@ -57,24 +59,30 @@ class Batch:
 
     A batch that came back from a worker process keeps its values pickled (:meth:`encoded`)
     until something reads ``values``: when the next step is a process stage too, the parent
-    forwards the bytes as they are, and never unpickles and pickles them again.
+    forwards the bytes as they are, and never unpickles and pickles them again. Its large
+    buffers are in shared-memory blocks (``_shm``), which it holds until it is unpickled.
     """
 
-    __slots__ = ("_count", "_payload", "_values", "keys")
+    __slots__ = ("_blocks", "_count", "_payload", "_values", "keys")
 
     def __init__(self, keys: int | list[Key], values: list[Any]) -> None:
         self.keys = keys
         self._values: list[Any] | None = values
         self._payload: bytes | None = None
+        self._blocks: list[Block] = []
         self._count = len(values)
 
     @classmethod
-    def encoded(cls, keys: int | list[Key], payload: bytes, count: int) -> Batch:
-        """A batch of ``count`` values, pickled in ``payload`` (see :meth:`payload`)."""
+    def encoded(
+        cls, keys: int | list[Key], payload: bytes, count: int, blocks: list[Block] | None = None
+    ) -> Batch:
+        """A batch of ``count`` values, pickled in ``payload``, their large buffers in
+        ``blocks`` (see :meth:`encode`)."""
         batch = cls.__new__(cls)
         batch.keys = keys
         batch._values = None
         batch._payload = payload
+        batch._blocks = blocks or []
         batch._count = count
         return batch
 
@@ -87,17 +95,20 @@ class Batch:
     def values(self) -> list[Any]:
         """The values (unpickled on first use, for a batch made by :meth:`encoded`)."""
         if self._values is None:
-            self._values = pickle.loads(self._payload)  # type: ignore[arg-type]
+            self._values = _shm.loads(self._payload, self._blocks)  # type: ignore[arg-type]
             self._payload = None
+            self._blocks = []  # the arrays that need them hold them now
         return self._values
 
-    def payload(self) -> bytes:
-        """The values, pickled (protocol 5): as received, or pickled now, with cloudpickle, so
-        that instances of classes defined in ``__main__`` (a script, a notebook) cross too. For
-        plain values it is as fast as pickle (C pickler)."""
+    def encode(self) -> tuple[bytes, list[_shm.Desc], list[Block]]:
+        """The values pickled for a worker process (protocol 5; cloudpickle, so that instances
+        of classes defined in ``__main__`` cross too; as fast as pickle for plain values): the
+        pickle, the descriptors of its large buffers' blocks, and the blocks that hold them
+        until the worker answered (it takes references of its own)."""
         if self._payload is not None:
-            return self._payload
-        return cloudpickle.dumps(self._values, protocol=5)  # type: ignore[no-any-return]
+            return self._payload, [b.desc for b in self._blocks], self._blocks
+        payload, descs = _shm.dumps(self._values)
+        return payload, descs, _shm.adopt(descs)
 
     def __len__(self) -> int:
         return self._count

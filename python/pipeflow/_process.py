@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import os
 import pickle
 import signal
@@ -43,7 +44,8 @@ from typing import Any
 
 import cloudpickle
 
-from ._core import Ring, Word
+from . import _shm
+from ._core import Block, Ring, Word
 from ._errors import ChannelClosed, WorkerCrashed
 from ._ordering import Batch
 
@@ -200,9 +202,10 @@ class WorkerProcess:
         # length after the last. Read only after the worker died.
         self.at = Word()
         self.at[0] = -1
-        fds = [self.to_child.fd, self.from_child.fd, self.at.fd]
+        self.tag = next(_tags)  # names the shared-memory blocks this worker writes
+        fds = [self.to_child.fd, self.from_child.fd, self.at.fd, _shm.arena().fd]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeflow._worker", *map(str, fds)],
+            [sys.executable, "-m", "pipeflow._worker", *map(str, fds), str(self.tag)],
             pass_fds=fds,
             stdin=subprocess.DEVNULL,
         )
@@ -241,16 +244,21 @@ class WorkerProcess:
         On an error, ``slot[0]`` is set to the index in ``batch`` of the item it concerns (for a
         crash or a timeout, the item the worker held).
         """
-        self.send(self.encode(batch, slot))
-        return self.receive(batch, timeout, slot)
+        request, keep = self.encode(batch, slot)
+        self.send(request)
+        out = self.receive(batch, timeout, slot)
+        del keep  # the worker answered: it holds its own references now
+        return out
 
     @staticmethod
-    def encode(batch: Batch, slot: Any) -> bytes:
-        """The request for ``batch``, pickled; an item that does not pickle is named in
+    def encode(batch: Batch, slot: Any) -> tuple[bytes, list[Block]]:
+        """The request for ``batch``, pickled, and the shared-memory blocks of its large
+        buffers, to keep until the worker answered; an item that does not pickle is named in
         ``slot[0]``."""
         try:
             # Pickled here, not in send_message: a failure's traceback then holds no ring.
-            return pickle.dumps(("batch", batch.keys, batch.payload()), protocol=5)
+            payload, descs, keep = batch.encode()
+            return pickle.dumps(("batch", batch.keys, payload, descs), protocol=5), keep
         except Exception as e:
             e.add_note("pipeflow: an item could not be pickled to be sent to the worker process")
             slot[0] = first_unpicklable(batch.values)
@@ -294,8 +302,8 @@ class WorkerProcess:
             slot[0] = at if 0 <= at < len(batch) else None
             raise
         if reply[0] == "done":
-            _, keys, count, payload, n = reply
-            return Batch.encoded(keys, payload, count), n
+            _, keys, count, payload, n, descs = reply
+            return Batch.encoded(keys, payload, count, _shm.adopt(descs)), n
         slot[0] = reply[3]
         self._raise_remote(reply)
         raise AssertionError("unreachable")
@@ -356,6 +364,7 @@ class WorkerProcess:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
+        _shm.reclaim(self.tag)  # the blocks it was writing when it died, if it did
         self.from_child.close_read()
         # Drop the rings now, not when this object goes: a traceback may keep it alive.
         self.to_child = self.from_child = self.at = _CLOSED
@@ -377,6 +386,7 @@ class WorkerProcess:
 # ---------------------------------------------------------------------------- the warm set
 
 MAX_IDLE = max(2, 2 * (os.cpu_count() or 1))
+_tags = itertools.count(1)  # 0 is the parent's
 _idle: list[WorkerProcess] = []
 _idle_lock = threading.Lock()
 

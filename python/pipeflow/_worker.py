@@ -1,12 +1,15 @@
-"""The worker process: ``python -m pipeflow._worker IN_FD OUT_FD AT_FD`` (see ``_process``).
+"""The worker process: ``python -m pipeflow._worker IN_FD OUT_FD AT_FD ARENA_FD TAG`` (see
+``_process``).
 
 It reads requests from the ring on IN_FD and writes replies to the ring on OUT_FD, one at a
 time: ``setup`` (the step's kind, function and init, cloudpickled), then ``batch`` requests, and
 another ``setup`` when the parent reuses this warm worker for another step. Each is answered by
 ``ready``/``done`` (the output batch) or ``error`` (the pickled exception, its traceback text and
 the index of the item that raised). Before running each item it writes the item's index into the
-shared word on AT_FD, so that the parent can name the item if this process dies. It exits when
-the parent closes its input ring, or when the parent dies.
+shared word on AT_FD, so that the parent can name the item if this process dies. Large buffers
+come and go through the parent's shared-memory arena on ARENA_FD (``_shm``); TAG names the
+blocks this process writes. It exits when the parent closes its input ring, or when the parent
+dies.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 import cloudpickle
 
+from . import _shm
 from ._core import Ring, Word
 from ._errors import ChannelClosed
 from ._ordering import Batch
@@ -77,19 +81,28 @@ def _setup(message: tuple[Any, ...]) -> tuple[Any, Any]:
 def main(argv: list[str]) -> int:
     inbox, outbox = Ring.open(int(argv[0])), Ring.open(int(argv[1]))
     at = Word.open(int(argv[2]))
-    for fd in argv[:3]:
+    _shm.attach(int(argv[3]), int(argv[4]))
+    for fd in argv[:4]:
         os.close(int(fd))
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     never = [False]  # the parent stops a worker by closing its ring, not between items
     fn: Any = None
     apply: Any = None
+    batch: Any = None
+    out: Any = None
     try:
         while True:
+            # Let go of the last batch's items and results before waiting: an idle worker holds
+            # no shared-memory block.
+            message = batch = out = None
             at[0] = -1  # "receiving": a crash now is not any item's
             try:
                 message = recv_message(inbox)
                 if message[0] == "batch":
-                    batch = Batch(message[1], pickle.loads(message[2]))
+                    # The parent holds the request's blocks until we answer: take our own.
+                    blocks = _shm.adopt(message[3], incref=True)
+                    batch = Batch(message[1], _shm.loads(message[2], blocks))
+                    del blocks
             except ChannelClosed:
                 raise
             except Exception as e:  # the request was read whole, but does not unpickle here
@@ -115,8 +128,9 @@ def main(argv: list[str]) -> int:
             at[0] = len(batch)
             try:
                 # The values pickled apart: the parent can forward them to a next process stage
-                # without unpickling them.
-                send_message(outbox, ("done", out.keys, len(out), out.payload(), n))
+                # without unpickling them. The blocks' references go to the parent.
+                payload, descs = _shm.dumps(out.values)
+                send_message(outbox, ("done", out.keys, len(out), payload, n, descs))
             except Exception as e:  # a result that does not pickle: report, don't die
                 e.add_note("pipeflow: a result of this batch could not be pickled")
                 bad = first_unpicklable(out.values)

@@ -2,6 +2,7 @@
 //! exposed concept. Each binding method has one shape: extract Python values while attached,
 //! detach from the interpreter for anything that may block, convert the result back.
 
+mod arena;
 mod blocking;
 mod channel;
 mod errors;
@@ -11,7 +12,7 @@ mod word;
 
 use pyo3::prelude::*;
 
-/// pipeflow's Rust core: channels, the work-stealing pool, the shared-memory ring and word.
+/// pipeflow's Rust core: channels, the work-stealing pool, the shared-memory ring, word and arena.
 #[pymodule(gil_used = false)]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<channel::PyChannel>()?;
@@ -19,5 +20,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pool::PyPool>()?;
     m.add_class::<ring::PyRing>()?;
     m.add_class::<word::PyWord>()?;
+    m.add_class::<arena::PyArena>()?;
+    m.add_class::<arena::PyBlock>()?;
     Ok(())
 }

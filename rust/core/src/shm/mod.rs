@@ -1,10 +1,12 @@
 //! Shared memory between processes: memfd-backed mappings, futex wait/wake, the frame ring,
-//! and a shared word.
+//! a shared word, and the arena of blocks for large buffers.
 //!
 //! Raw pointers live in this module alone. Linux only (memfd and futex). Under `--cfg loom`
 //! the ring runs over heap memory with loom's atomics and cells, and the futex is modelled
 //! with a loom mutex and condvar, so that loom checks the ring's protocol itself.
 
+#[cfg(not(loom))]
+mod arena;
 mod futex;
 #[cfg(not(loom))]
 mod region;
@@ -12,6 +14,8 @@ mod ring;
 #[cfg(not(loom))]
 mod word;
 
+#[cfg(not(loom))]
+pub use arena::{Arena, Desc, Stats, PAGE};
 #[cfg(not(loom))]
 pub use region::Region;
 pub use ring::{PopError, PushError, Ring, RING_HEADER};

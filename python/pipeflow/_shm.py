@@ -1,0 +1,271 @@
+"""Large buffers between processes through a shared-memory arena (``_core.Arena``).
+
+Pickle protocol 5 hands a pickler's out-of-band buffers (numpy arrays, ``PickleBuffer``) to a
+callback: :func:`dumps` writes each one of at least :data:`THRESHOLD` bytes into a block of the
+arena and puts the block's descriptor in the message instead of the bytes. The receiver
+unpickles with the blocks as the buffers (:func:`loads`): a numpy array comes back as a view on
+its block, writable, kept alive by its ``base``; the block is freed, and its pages returned to
+the OS, when the last view dies, also long after the run and its workers are gone. An array made
+with :func:`empty` lives in the arena from the start and crosses without any copy.
+
+Whose reference is whose. A descriptor in a worker's reply carries one reference, which the
+parent adopts at once (:func:`adopt`), before it even unpickles the batch. The descriptors of a
+request stay the parent's until the reply comes (the pending batch holds their blocks: a worker
+that dies with them leaks nothing); the worker takes its own reference when it reads them.
+
+When the arena is full, or a buffer is small, the bytes go in the pickle as usual: slower, never
+stuck.
+
+Example:
+    >>> import numpy as np
+    >>> from pipeflow import _shm
+    >>> data, descs = _shm.dumps({"a": np.arange(100_000.0)})
+    >>> len(data) < 1000, len(descs)
+    (True, 1)
+    >>> out = _shm.loads(data, _shm.adopt(descs))["a"]
+    >>> float(out[-1]), out.flags.writeable
+    (99999.0, True)
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import pickle
+import sys
+import threading
+from typing import Any, Literal, cast
+
+import cloudpickle
+
+from ._core import Arena, Block
+
+__all__ = [
+    "THRESHOLD",
+    "adopt",
+    "arena",
+    "arena_size",
+    "attach",
+    "dumps",
+    "empty",
+    "loads",
+    "owner",
+    "reclaim",
+    "set_arena_size",
+    "stats",
+]
+
+THRESHOLD = 64 << 10  # smaller buffers travel inside the pickle: a block costs a page or more
+BIG_PICKLE = 4 * THRESHOLD  # a pickle this large goes into a block whole
+DEFAULT_MAX = 4 << 30
+
+Desc = tuple[int, int, int, int]
+
+_arena: Arena | None = None
+_owner = 0  # this process's tag: 0 in the parent, the worker's number in a worker process
+_size: int | None = None
+_lock = threading.Lock()
+
+
+def _default_size() -> int:
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        return 1 << 30
+    return min(DEFAULT_MAX, max(ram // 4, 64 << 20))
+
+
+def arena_size() -> int:
+    """The arena's size in bytes: set by :func:`set_arena_size` or ``PIPEFLOW_ARENA_BYTES``,
+    else a quarter of the machine's memory, at most 4 GiB."""
+    if _size is not None:
+        return _size
+    env = os.environ.get("PIPEFLOW_ARENA_BYTES")
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise ValueError(f"PIPEFLOW_ARENA_BYTES must be a positive int of bytes, got {env!r}")
+        return value
+    return _default_size()
+
+
+def set_arena_size(nbytes: int) -> None:
+    """Sets the size of the shared-memory arena that carries large buffers (numpy arrays)
+    between processes. Memory is used only by live blocks; what does not fit goes the slow way,
+    pickled through the rings. Call it before the first process stage runs.
+
+    Example:
+        >>> import pipeflow as pf
+        >>> pf.set_arena_size(pf.arena_size())  # the same size: always allowed
+    """
+    global _size
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
+        raise ValueError(f"nbytes must be a positive int, got {nbytes!r}")
+    with _lock:
+        if _arena is not None and _arena.size != _round_pages(nbytes):
+            raise RuntimeError(
+                f"the arena already exists with {_arena.size} bytes (process stages started); "
+                "call pipeflow.set_arena_size() before the first process stage runs"
+            )
+        _size = nbytes
+
+
+def _round_pages(n: int) -> int:
+    return -(-n // 4096) * 4096
+
+
+def arena() -> Arena:
+    """The arena: in a worker, the parent's; in the parent, made on first use."""
+    global _arena
+    if _arena is None:
+        with _lock:
+            if _arena is None:
+                _arena = Arena(arena_size())
+    return _arena
+
+
+def current() -> Arena | None:
+    """The arena if this process has one, without making it."""
+    return _arena
+
+
+def attach(fd: int, tag: int) -> None:
+    """In a worker process: maps the parent's arena; ``tag`` names this process's blocks."""
+    global _arena, _owner
+    _arena = Arena.open(fd)
+    _owner = tag
+
+
+def owner() -> int:
+    return _owner
+
+
+def reclaim(tag: int) -> None:
+    """Frees the blocks a dead worker (``tag``) was writing."""
+    if _arena is not None:
+        _arena.reclaim(tag)
+
+
+def stats() -> dict[str, int]:
+    """The arena's live bytes and blocks, and its resident memory (zeros without an arena)."""
+    if _arena is None:
+        return {"live_bytes": 0, "blocks": 0, "resident_bytes": 0}
+    return _arena.stats()
+
+
+def _rebuild_buffer(buffer: Any, kind: str) -> Any:
+    """A ``bytearray`` or ``memoryview`` from what :class:`_Pickler` sent (a block, or bytes)."""
+    if kind == "bytearray":
+        return bytearray(buffer)
+    view = memoryview(buffer)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle, sending more buffers out of band: any ``memoryview`` (which plain pickle
+    refuses), and a large non-contiguous numpy array (numpy pickles those in band; a contiguous
+    copy goes out of band instead). ``bytes`` and ``bytearray`` never reach this hook (the C
+    pickler writes them itself): a large pickle goes into a block whole instead."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        t = type(obj)
+        if t is memoryview:
+            flat = obj if obj.c_contiguous else memoryview(obj.tobytes())
+            return _rebuild_buffer, (pickle.PickleBuffer(flat.cast("B")), "memoryview")
+        elif t.__name__ == "ndarray":
+            np = sys.modules.get("numpy")
+            if (
+                np is not None
+                and t is np.ndarray
+                and not (obj.flags.c_contiguous or obj.flags.f_contiguous)
+                and not obj.dtype.hasobject
+                and obj.nbytes >= THRESHOLD
+            ):
+                return obj.copy(order="C").__reduce_ex__(5)
+        return super().reducer_override(obj)
+
+
+def dumps(obj: Any) -> tuple[bytes, list[Desc]]:
+    """``obj`` pickled (protocol 5, cloudpickle), its large buffers in arena blocks: the pickle
+    and the blocks' descriptors, each carrying one reference for the message."""
+    a = _arena
+    if a is None:
+        return cloudpickle.dumps(obj, protocol=5), []
+    descs: list[Desc] = []
+    tag = _owner
+
+    def place(buffer: pickle.PickleBuffer) -> bool:
+        raw = buffer.raw()
+        if raw.nbytes < THRESHOLD:
+            return True  # in band
+        desc = a.put(raw, tag)
+        if desc is None:
+            return True  # the arena is full: in band
+        descs.append(desc)
+        return False
+
+    out = io.BytesIO()
+    try:
+        _Pickler(out, protocol=5, buffer_callback=place).dump(obj)
+        data = out.getvalue()
+        if len(data) >= BIG_PICKLE:  # large bytes, str, many values: the pickle itself
+            desc = a.put(data, tag)
+            if desc is not None:
+                descs.append(desc)
+                return b"", descs  # an empty pickle: it is in the last block
+    except BaseException:
+        adopt(descs)  # dropped at once: the references go
+        raise
+    return data, descs
+
+
+def adopt(descs: list[Desc], incref: bool = False) -> list[Block]:
+    """Blocks holding the references of a message's descriptors (``incref``: new references,
+    the message keeps its own). A descriptor that names no live block raises ``ValueError``."""
+    if not descs:
+        return []
+    a = arena()
+    return [a.adopt(d, incref) for d in descs]
+
+
+def loads(data: bytes, blocks: list[Block]) -> Any:
+    """Unpickles what :func:`dumps` made, its buffers views on ``blocks``."""
+    if not blocks:
+        return pickle.loads(data)
+    if not data:
+        return pickle.loads(blocks[-1], buffers=blocks[:-1])  # type: ignore[arg-type]
+    return pickle.loads(data, buffers=blocks)
+
+
+def empty(shape: int | tuple[int, ...], dtype: Any = float, order: Literal["C", "F"] = "C") -> Any:
+    """A new numpy array in shared memory (zero-filled, like ``np.zeros``): a stage that fills
+    it and returns it hands it to the next stage, or to the caller, without any copy.
+
+    Once returned, the array belongs to the receiver (it gets a writable view of the same
+    memory): the stage must not write to it again. Without room in the arena, or for an object
+    dtype, it is an ordinary array.
+
+    Example:
+        >>> import pipeflow as pf
+        >>> a = pf.empty((2, 3), dtype="int32")
+        >>> a[:] = 7
+        >>> a.sum(), a.shape, a.dtype
+        (np.int64(42), (2, 3), dtype('int32'))
+    """
+    import numpy as np
+
+    dt = np.dtype(dtype)
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if order not in ("C", "F"):
+        raise ValueError(f"order must be 'C' or 'F', got {order!r}")
+    count = math.prod(shape)
+    if dt.hasobject or count * dt.itemsize == 0:
+        return np.zeros(shape, dt, order=order)
+    block = arena().empty(count * dt.itemsize, _owner)
+    if block is None:
+        return np.zeros(shape, dt, order=order)
+    return np.frombuffer(cast(Any, block), dt, count=count).reshape(shape, order=order)

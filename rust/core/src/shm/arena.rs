@@ -1,0 +1,810 @@
+//! The shared-memory arena: blocks of one memfd that several processes allocate, share and free,
+//! so that large buffers (numpy arrays) cross between processes without being copied through a
+//! ring or a pipe.
+//!
+//! Layout of the memfd:
+//!
+//! ```text
+//! page 0      header: magic, sizes, a robust process-shared mutex, the allocator's counters
+//! page 1..    slots: one 32-byte record per block that may be live (state, refs, owner, gen, place)
+//!             extents: the free extents of the data area, sorted, merged (under the mutex)
+//! data_off..  the data area: blocks of whole pages
+//! ```
+//!
+//! A block is named by a [`Desc`] (slot, generation, and a byte range inside the block), which is
+//! what travels in messages. Its life:
+//!
+//! - `alloc` takes a free extent and a free slot under the mutex: state `WRITING`, one reference,
+//!   owned by the allocating process's tag.
+//! - The holder of a reference may add one (`incref`) to put the block in a message; a block put
+//!   in a message is marked `SHARED`, so that a dead writer's `WRITING` blocks, which nobody else
+//!   can know of, are freed by `reclaim(owner)` when the parent sees the writer die.
+//! - The last `decref` frees the block: under the mutex, its pages are returned to the OS
+//!   (`FALLOC_FL_PUNCH_HOLE`) and its extent goes back to the free list.
+//!
+//! A process killed at any instant cannot wedge the arena: the mutex is robust (the next locker
+//! is told the owner died) and the free list is then rebuilt from the slots, which are the truth.
+//! A killed process can at worst leak the blocks it held references to; those go with the memfd
+//! when every process has unmapped it. Descriptors read from messages are validated (`check`):
+//! a damaged one is an error, never an access outside the arena.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+
+use super::Region;
+
+const MAGIC: u64 = 0x7069_7065_6172_656e; // "pipearen"
+/// The allocation unit: blocks are whole pages, so that freeing one returns all of its memory.
+pub const PAGE: usize = 4096;
+const LOCK_TIMEOUT_NS: i64 = 1_000_000_000;
+
+const FREE: u32 = 0;
+const WRITING: u32 = 1;
+const SHARED: u32 = 2;
+
+/// A block, or a byte range inside one, as named in messages: `start` and `len` are offsets in
+/// the data area; `slot` and `gen` say which allocation of the slot it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Desc {
+    pub slot: u32,
+    pub gen: u32,
+    pub start: u64,
+    pub len: u64,
+}
+
+#[repr(C)]
+struct Header {
+    magic: u64,
+    nslots: u64,
+    data_off: u64,
+    data_len: u64,
+    // Guarded by `lock` (read and written only through `Locked`).
+    live: u64,
+    nextents: u64,
+    hint: u64,
+    lock: libc::pthread_mutex_t,
+}
+
+#[repr(C)]
+struct Slot {
+    state: AtomicU32,
+    refs: AtomicU32,
+    owner: AtomicU32,
+    gen: AtomicU32,
+    off: AtomicU64,
+    len: AtomicU64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Extent {
+    off: u64,
+    len: u64,
+}
+
+/// What the arena holds now (see [`Arena::stats`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stats {
+    /// Bytes in live blocks.
+    pub live_bytes: u64,
+    /// Live blocks.
+    pub blocks: u64,
+    /// Bytes of the memfd backed by memory (header and slot pages included).
+    pub resident_bytes: u64,
+}
+
+/// A shared-memory arena (see the module docs).
+pub struct Arena {
+    region: Region,
+    nslots: usize,
+    data_off: usize,
+    data_len: usize,
+}
+
+fn round_up(n: usize, to: usize) -> usize {
+    n.div_ceil(to) * to
+}
+
+fn invalid(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.to_owned())
+}
+
+/// The mutex held: access to the allocator's state. Unlocks on drop.
+struct Locked<'a> {
+    arena: &'a Arena,
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        // SAFETY: this guard exists only while this thread holds the mutex (see `lock`).
+        unsafe {
+            libc::pthread_mutex_unlock(self.arena.mutex());
+        }
+    }
+}
+
+impl Locked<'_> {
+    fn header(&mut self) -> &mut Header {
+        // SAFETY: the header's guarded fields are only accessed under the mutex, which this
+        // guard holds, and `&mut self` keeps this the only reference made from the guard. The
+        // unguarded fields are written once, before any other process maps the arena.
+        unsafe { &mut *self.arena.region.as_ptr().cast::<Header>() }
+    }
+
+    fn extents(&mut self) -> &mut [Extent] {
+        let n = self.header().nextents as usize;
+        // SAFETY: the extents array has room for nslots + 1 entries (see `layout`), `nextents`
+        // never exceeds that (checked where it grows), and it is only accessed under the mutex.
+        unsafe { std::slice::from_raw_parts_mut(self.arena.extents_ptr(), n) }
+    }
+
+    fn push_extent_at(&mut self, at: usize, e: Extent) -> bool {
+        let n = self.header().nextents as usize;
+        if n > self.arena.nslots {
+            return false; // cannot happen: there are at most nslots + 1 gaps between blocks
+        }
+        let ptr = self.arena.extents_ptr();
+        // SAFETY: `at <= n < nslots + 1`, the array's capacity; `copy` handles the overlap.
+        unsafe {
+            std::ptr::copy(ptr.add(at), ptr.add(at + 1), n - at);
+            *ptr.add(at) = e;
+        }
+        self.header().nextents = (n + 1) as u64;
+        true
+    }
+
+    fn remove_extent(&mut self, at: usize) {
+        let n = self.header().nextents as usize;
+        let ptr = self.arena.extents_ptr();
+        // SAFETY: `at < n`; the tail moves down by one inside the array.
+        unsafe { std::ptr::copy(ptr.add(at + 1), ptr.add(at), n - at - 1) };
+        self.header().nextents = (n - 1) as u64;
+    }
+
+    /// Puts `[off, off + len)` back in the free list, merged with its neighbours.
+    fn insert_free(&mut self, off: u64, len: u64) {
+        let ext = self.extents();
+        let at = ext.partition_point(|e| e.off < off);
+        let merge_prev = at > 0 && ext[at - 1].off + ext[at - 1].len == off;
+        let merge_next = at < ext.len() && off + len == ext[at].off;
+        match (merge_prev, merge_next) {
+            (true, true) => {
+                ext[at - 1].len += len + ext[at].len;
+                self.remove_extent(at);
+            }
+            (true, false) => ext[at - 1].len += len,
+            (false, true) => {
+                ext[at].off = off;
+                ext[at].len += len;
+            }
+            (false, false) => {
+                self.push_extent_at(at, Extent { off, len });
+            }
+        }
+    }
+
+    /// Frees the block in `slot` if it is still allocation `gen`: returns its pages to the OS,
+    /// its extent to the free list.
+    fn free_slot(&mut self, index: usize, gen: u32) {
+        let slot = self.arena.slot(index);
+        if slot.state.load(Ordering::Acquire) == FREE || slot.gen.load(Ordering::Relaxed) != gen {
+            return; // freed already (by a rebuild after a death)
+        }
+        let off = slot.off.load(Ordering::Relaxed);
+        let len = slot.len.load(Ordering::Relaxed);
+        self.arena.punch(off, len);
+        slot.state.store(FREE, Ordering::Release);
+        self.insert_free(off, len);
+        self.header().live -= len;
+    }
+
+    /// Rebuilds the free list from the slots, after a process died holding the mutex: a block
+    /// is live if its slot is not free and it still has a reference.
+    fn rebuild(&mut self) {
+        let mut live: Vec<Extent> = Vec::new();
+        for i in 0..self.arena.nslots {
+            let slot = self.arena.slot(i);
+            if slot.state.load(Ordering::Acquire) == FREE {
+                continue;
+            }
+            let (off, len) = (
+                slot.off.load(Ordering::Relaxed),
+                slot.len.load(Ordering::Relaxed),
+            );
+            if slot.refs.load(Ordering::Acquire) == 0 {
+                self.arena.punch(off, len);
+                slot.state.store(FREE, Ordering::Release);
+                continue;
+            }
+            live.push(Extent { off, len });
+        }
+        live.sort_by_key(|e| e.off);
+        self.header().nextents = 0;
+        self.header().live = live.iter().map(|e| e.len).sum();
+        let mut at = 0u64;
+        let end = self.arena.data_len as u64;
+        for e in live
+            .iter()
+            .chain(std::iter::once(&Extent { off: end, len: 0 }))
+        {
+            if e.off > at {
+                let n = self.header().nextents as usize;
+                self.push_extent_at(
+                    n,
+                    Extent {
+                        off: at,
+                        len: e.off - at,
+                    },
+                );
+            }
+            at = at.max(e.off + e.len);
+        }
+    }
+}
+
+impl Arena {
+    /// A new arena with `data_len` bytes for blocks (rounded up to pages) and room for `nslots`
+    /// live blocks. The memfd is sparse: memory is used only by live blocks.
+    pub fn create(data_len: usize, nslots: usize) -> io::Result<Arena> {
+        if data_len == 0 || nslots == 0 || nslots > (u32::MAX as usize) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "bad arena size",
+            ));
+        }
+        let data_len = round_up(data_len, PAGE);
+        let data_off = Self::layout(nslots);
+        let total = data_off
+            .checked_add(data_len)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "arena too large"))?;
+        let region = Region::create("pipeflow-arena", total)?;
+        let arena = Arena {
+            region,
+            nslots,
+            data_off,
+            data_len,
+        };
+        // SAFETY: the region is fresh, zero-filled, at least one page long and not yet shared:
+        // nothing else accesses the header while it is written.
+        unsafe {
+            let h = arena.region.as_ptr().cast::<Header>();
+            (*h).magic = MAGIC;
+            (*h).nslots = nslots as u64;
+            (*h).data_off = data_off as u64;
+            (*h).data_len = data_len as u64;
+            (*h).live = 0;
+            (*h).nextents = 1;
+            (*h).hint = 0;
+            *arena.extents_ptr() = Extent {
+                off: 0,
+                len: data_len as u64,
+            };
+            let mut attr: libc::pthread_mutexattr_t = std::mem::zeroed();
+            let mut rc = libc::pthread_mutexattr_init(&mut attr);
+            rc |= libc::pthread_mutexattr_setpshared(&mut attr, libc::PTHREAD_PROCESS_SHARED);
+            rc |= libc::pthread_mutexattr_setrobust(&mut attr, libc::PTHREAD_MUTEX_ROBUST);
+            rc |= libc::pthread_mutex_init(arena.mutex(), &attr);
+            libc::pthread_mutexattr_destroy(&mut attr);
+            if rc != 0 {
+                return Err(io::Error::other("could not initialise the arena's mutex"));
+            }
+        }
+        Ok(arena)
+    }
+
+    /// Maps an arena another process created, from its memfd; checks its header.
+    pub fn open(fd: OwnedFd) -> io::Result<Arena> {
+        let region = Region::from_fd(fd)?;
+        if region.len() < 2 * PAGE {
+            return Err(invalid("not an arena: too small"));
+        }
+        // SAFETY: the region is at least a page long and page-aligned; these fields are written
+        // once by the creator before the memfd is handed to anyone.
+        let (magic, nslots, data_off, data_len) = unsafe {
+            let h = region.as_ptr().cast::<Header>();
+            ((*h).magic, (*h).nslots, (*h).data_off, (*h).data_len)
+        };
+        let (nslots, data_off, data_len) = (nslots as usize, data_off as usize, data_len as usize);
+        if magic != MAGIC
+            || nslots == 0
+            || data_off != Self::layout(nslots)
+            || data_off.checked_add(data_len) != Some(region.len())
+        {
+            return Err(invalid("not an arena: bad header"));
+        }
+        Ok(Arena {
+            region,
+            nslots,
+            data_off,
+            data_len,
+        })
+    }
+
+    /// Where the data area starts, for `nslots` slots.
+    fn layout(nslots: usize) -> usize {
+        let extents_off = PAGE + round_up(nslots * std::mem::size_of::<Slot>(), 64);
+        round_up(
+            extents_off + (nslots + 1) * std::mem::size_of::<Extent>(),
+            PAGE,
+        )
+    }
+
+    /// The memfd, to hand to a child process.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.region.fd()
+    }
+
+    /// Bytes available for blocks.
+    pub fn data_len(&self) -> usize {
+        self.data_len
+    }
+
+    /// How many blocks may be live at once.
+    pub fn nslots(&self) -> usize {
+        self.nslots
+    }
+
+    fn mutex(&self) -> *mut libc::pthread_mutex_t {
+        // SAFETY: the header is at the start of the mapping, which outlives `self`.
+        unsafe { std::ptr::addr_of_mut!((*self.region.as_ptr().cast::<Header>()).lock) }
+    }
+
+    fn slot(&self, index: usize) -> &Slot {
+        debug_assert!(index < self.nslots);
+        // SAFETY: slot `index < nslots` lies inside the slots array (see `layout`), which is
+        // 32-byte aligned in the mapping and accessed only through atomics; all-zero bytes and
+        // every other bit pattern are valid for these atomics.
+        unsafe {
+            &*self
+                .region
+                .as_ptr()
+                .add(PAGE + index * std::mem::size_of::<Slot>())
+                .cast::<Slot>()
+        }
+    }
+
+    fn extents_ptr(&self) -> *mut Extent {
+        let off = PAGE + round_up(self.nslots * std::mem::size_of::<Slot>(), 64);
+        // SAFETY: inside the mapping (see `layout`); 16-byte aligned since `off` is.
+        unsafe { self.region.as_ptr().add(off).cast::<Extent>() }
+    }
+
+    /// The address of byte `start` of the data area (`start <= data_len`).
+    pub fn data_ptr(&self, start: u64) -> *mut u8 {
+        assert!(start as usize <= self.data_len);
+        // SAFETY: in bounds of the mapping, by the assertion and the layout.
+        unsafe { self.region.as_ptr().add(self.data_off + start as usize) }
+    }
+
+    /// Whether `[ptr, ptr + len)` lies in this mapping's data area; its start offset if so.
+    pub fn offset_of(&self, ptr: *const u8, len: usize) -> Option<u64> {
+        let base = self.data_ptr(0) as usize;
+        let p = ptr as usize;
+        if p >= base && p.checked_add(len)? <= base + self.data_len {
+            Some((p - base) as u64)
+        } else {
+            None
+        }
+    }
+
+    fn punch(&self, off: u64, len: u64) {
+        // SAFETY: fallocate on our own memfd, inside the data area; it only drops the pages'
+        // contents (they read as zeros afterwards), which nobody uses: the block is being freed.
+        unsafe {
+            libc::fallocate(
+                self.region.fd().as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                (self.data_off as u64 + off) as libc::off_t,
+                len as libc::off_t,
+            );
+        }
+    }
+
+    /// Takes the mutex, waiting at most a second (`None` then: the caller falls back). After a
+    /// holder died, the free list is rebuilt before use.
+    fn lock(&self) -> Option<Locked<'_>> {
+        // SAFETY: `ts` is a plain C struct, filled by clock_gettime.
+        let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+        // SAFETY: clock_gettime writes into `ts`, which lives for the call.
+        unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+        let ns = ts.tv_nsec as i64 + LOCK_TIMEOUT_NS;
+        ts.tv_sec += (ns / 1_000_000_000) as libc::time_t;
+        ts.tv_nsec = (ns % 1_000_000_000) as _;
+        // SAFETY: the mutex was initialised by `create` (robust, process-shared) and lives in
+        // the mapping for as long as `self`.
+        let rc = unsafe { libc::pthread_mutex_timedlock(self.mutex(), &ts) };
+        match rc {
+            0 => Some(Locked { arena: self }),
+            libc::EOWNERDEAD => {
+                let mut locked = Locked { arena: self };
+                locked.rebuild();
+                // SAFETY: we hold the mutex (EOWNERDEAD hands it over) and made its state
+                // consistent just above.
+                unsafe { libc::pthread_mutex_consistent(self.mutex()) };
+                Some(locked)
+            }
+            _ => None,
+        }
+    }
+
+    /// A new block of at least `len` bytes, with one reference, owned by `owner` until it is
+    /// shared; `None` when the arena has no room (or its mutex could not be had within a
+    /// second): the caller then sends the bytes another way.
+    pub fn alloc(&self, len: usize, owner: u32) -> Option<Desc> {
+        let size = round_up(len.max(1), PAGE) as u64;
+        let mut locked = self.lock()?;
+        let at = locked.extents().iter().position(|e| e.len >= size)?;
+        let nslots = self.nslots;
+        let hint = locked.header().hint as usize;
+        let index = (0..nslots)
+            .map(|i| (hint + i) % nslots)
+            .find(|&i| self.slot(i).state.load(Ordering::Acquire) == FREE)?;
+        let ext = &mut locked.extents()[at];
+        let off = ext.off;
+        ext.off += size;
+        ext.len -= size;
+        if ext.len == 0 {
+            locked.remove_extent(at);
+        }
+        locked.header().hint = ((index + 1) % nslots) as u64;
+        locked.header().live += size;
+        let slot = self.slot(index);
+        let gen = slot.gen.load(Ordering::Relaxed).wrapping_add(1);
+        slot.gen.store(gen, Ordering::Relaxed);
+        slot.off.store(off, Ordering::Relaxed);
+        slot.len.store(size, Ordering::Relaxed);
+        slot.owner.store(owner, Ordering::Relaxed);
+        slot.refs.store(1, Ordering::Relaxed);
+        // Release: whoever reads WRITING or SHARED (locate, a rebuild) sees the fields above.
+        slot.state.store(WRITING, Ordering::Release);
+        Some(Desc {
+            slot: index as u32,
+            gen,
+            start: off,
+            len: size,
+        })
+    }
+
+    /// Checks that `desc` names a live block and lies inside it (a descriptor from a message).
+    pub fn check(&self, desc: &Desc) -> io::Result<()> {
+        if desc.slot as usize >= self.nslots {
+            return Err(invalid("bad block descriptor: no such slot"));
+        }
+        let slot = self.slot(desc.slot as usize);
+        if slot.state.load(Ordering::Acquire) == FREE
+            || slot.gen.load(Ordering::Relaxed) != desc.gen
+        {
+            return Err(invalid("bad block descriptor: the block is not live"));
+        }
+        let (off, len) = (
+            slot.off.load(Ordering::Relaxed),
+            slot.len.load(Ordering::Relaxed),
+        );
+        let end = desc.start.checked_add(desc.len);
+        if desc.start < off || end.is_none_or(|e| e > off + len) {
+            return Err(invalid("bad block descriptor: outside its block"));
+        }
+        Ok(())
+    }
+
+    /// Adds a reference to a block the caller holds one to, and marks it shared (it is about to
+    /// be put in a message, or was just read from one).
+    pub fn incref(&self, desc: &Desc) {
+        let slot = self.slot(desc.slot as usize);
+        // Relaxed: the caller holds a reference, so the block cannot be freed meanwhile; the
+        // message that carries the new reference orders everything else (ring: release/acquire).
+        slot.refs.fetch_add(1, Ordering::Relaxed);
+        if slot.state.load(Ordering::Relaxed) == WRITING {
+            slot.state.store(SHARED, Ordering::Release);
+        }
+    }
+
+    /// Marks a block the caller holds as shared (its reference goes into a message).
+    pub fn share(&self, desc: &Desc) {
+        self.slot(desc.slot as usize)
+            .state
+            .store(SHARED, Ordering::Release);
+    }
+
+    /// Drops a reference; the last one frees the block.
+    pub fn decref(&self, desc: &Desc) {
+        let slot = self.slot(desc.slot as usize);
+        // Release, then Acquire on the last: every use of the block by any holder happens
+        // before it is freed and reused (the same protocol as `Arc`).
+        if slot.refs.fetch_sub(1, Ordering::Release) != 1 {
+            return;
+        }
+        fence(Ordering::Acquire);
+        if let Some(mut locked) = self.lock() {
+            locked.free_slot(desc.slot as usize, desc.gen);
+        }
+        // Without the mutex (a holder stopped, not dead, for a second), the block stays
+        // unfreed: refs is 0, so a later rebuild frees it.
+    }
+
+    /// Finds the live block that holds `[ptr, ptr + len)` (a buffer the caller keeps alive)
+    /// and adds a reference to it for a message: a descriptor of that range.
+    pub fn locate(&self, ptr: *const u8, len: usize) -> Option<Desc> {
+        let start = self.offset_of(ptr, len)?;
+        (0..self.nslots).find_map(|i| {
+            let slot = self.slot(i);
+            if slot.state.load(Ordering::Acquire) == FREE {
+                return None;
+            }
+            let (off, size) = (
+                slot.off.load(Ordering::Relaxed),
+                slot.len.load(Ordering::Relaxed),
+            );
+            if start < off || start + len as u64 > off + size {
+                return None;
+            }
+            let desc = Desc {
+                slot: i as u32,
+                gen: slot.gen.load(Ordering::Relaxed),
+                start,
+                len: len as u64,
+            };
+            self.incref(&desc);
+            Some(desc)
+        })
+    }
+
+    /// Frees the blocks a dead process `owner` was writing (never shared, so nobody else holds
+    /// them); returns how many.
+    pub fn reclaim(&self, owner: u32) -> usize {
+        let Some(mut locked) = self.lock() else {
+            return 0;
+        };
+        let mut n = 0;
+        for i in 0..self.nslots {
+            let slot = self.slot(i);
+            if slot.state.load(Ordering::Acquire) == WRITING
+                && slot.owner.load(Ordering::Relaxed) == owner
+            {
+                let gen = slot.gen.load(Ordering::Relaxed);
+                locked.free_slot(i, gen);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Live bytes and blocks, and the memfd's resident bytes.
+    pub fn stats(&self) -> Stats {
+        let (live_bytes, blocks) = match self.lock() {
+            Some(mut locked) => {
+                let blocks = (0..self.nslots)
+                    .filter(|&i| self.slot(i).state.load(Ordering::Acquire) != FREE)
+                    .count() as u64;
+                (locked.header().live, blocks)
+            }
+            None => (u64::MAX, u64::MAX),
+        };
+        // SAFETY: `stat` is a plain C struct, filled by fstat.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat on our own descriptor writes into `st`, which lives for the call.
+        unsafe { libc::fstat(self.region.fd().as_raw_fd(), &mut st) };
+        Stats {
+            live_bytes,
+            blocks,
+            resident_bytes: st.st_blocks as u64 * 512,
+        }
+    }
+
+    /// The free extents' total and count (tests: the free list is whole again).
+    pub fn free_extents(&self) -> (u64, usize) {
+        match self.lock() {
+            Some(mut locked) => {
+                let ext = locked.extents();
+                (ext.iter().map(|e| e.len).sum(), ext.len())
+            }
+            None => (0, 0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fill(arena: &Arena, d: &Desc, byte: u8) {
+        // SAFETY: `d` is a live block of `d.len` bytes that this test holds.
+        unsafe { std::ptr::write_bytes(arena.data_ptr(d.start), byte, d.len as usize) };
+    }
+
+    fn all(arena: &Arena, d: &Desc, byte: u8) -> bool {
+        // SAFETY: as in `fill`.
+        let s = unsafe { std::slice::from_raw_parts(arena.data_ptr(d.start), d.len as usize) };
+        s.iter().all(|&b| b == byte)
+    }
+
+    #[test]
+    fn blocks_are_pages_and_come_back_merged() {
+        let arena = Arena::create(64 * PAGE, 16).unwrap();
+        let a = arena.alloc(1, 7).unwrap();
+        let b = arena.alloc(PAGE + 1, 7).unwrap();
+        let c = arena.alloc(3 * PAGE, 7).unwrap();
+        assert_eq!(
+            (a.len, b.len, c.len),
+            (PAGE as u64, 2 * PAGE as u64, 3 * PAGE as u64)
+        );
+        assert_eq!(arena.stats().live_bytes, 6 * PAGE as u64);
+        assert_eq!(arena.stats().blocks, 3);
+        arena.decref(&b);
+        arena.decref(&a);
+        assert_eq!(arena.free_extents().1, 2); // [0, 3 pages) and after c
+        arena.decref(&c);
+        assert_eq!(arena.free_extents(), (64 * PAGE as u64, 1));
+        assert_eq!(arena.stats().live_bytes, 0);
+    }
+
+    #[test]
+    fn a_full_arena_says_so_and_recovers() {
+        let arena = Arena::create(4 * PAGE, 16).unwrap();
+        let a = arena.alloc(3 * PAGE, 0).unwrap();
+        assert!(arena.alloc(2 * PAGE, 0).is_none());
+        let b = arena.alloc(PAGE, 0).unwrap();
+        assert!(arena.alloc(1, 0).is_none());
+        arena.decref(&a);
+        assert!(arena.alloc(3 * PAGE, 0).is_some());
+        arena.decref(&b);
+    }
+
+    #[test]
+    fn running_out_of_slots_gives_the_extent_back() {
+        let arena = Arena::create(16 * PAGE, 2).unwrap();
+        let a = arena.alloc(1, 0).unwrap();
+        let _b = arena.alloc(1, 0).unwrap();
+        assert!(arena.alloc(1, 0).is_none());
+        assert_eq!(arena.free_extents(), (14 * PAGE as u64, 1));
+        arena.decref(&a);
+        assert!(arena.alloc(1, 0).is_some());
+    }
+
+    #[test]
+    fn references_keep_a_block_until_the_last_goes() {
+        let arena = Arena::create(8 * PAGE, 4).unwrap();
+        let a = arena.alloc(PAGE, 1).unwrap();
+        fill(&arena, &a, 9);
+        arena.incref(&a);
+        arena.decref(&a);
+        assert!(arena.check(&a).is_ok());
+        assert!(all(&arena, &a, 9));
+        arena.decref(&a);
+        assert!(arena.check(&a).is_err());
+        // The pages went back to the OS: a new block there reads zeros.
+        let b = arena.alloc(PAGE, 1).unwrap();
+        assert_eq!(b.start, a.start);
+        assert!(all(&arena, &b, 0));
+        assert!(arena.check(&a).is_err(), "a stale descriptor stays stale");
+    }
+
+    #[test]
+    fn descriptors_are_checked() {
+        let arena = Arena::create(8 * PAGE, 4).unwrap();
+        let a = arena.alloc(2 * PAGE, 1).unwrap();
+        assert!(arena.check(&a).is_ok());
+        let inner = Desc {
+            start: a.start + 10,
+            len: 100,
+            ..a
+        };
+        assert!(arena.check(&inner).is_ok());
+        for bad in [
+            Desc { slot: 99, ..a },
+            Desc {
+                gen: a.gen + 1,
+                ..a
+            },
+            Desc {
+                len: a.len + 1,
+                ..a
+            },
+            Desc {
+                start: u64::MAX,
+                len: 2,
+                ..a
+            },
+        ] {
+            assert!(arena.check(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn locate_finds_the_block_of_an_address() {
+        let arena = Arena::create(8 * PAGE, 4).unwrap();
+        let _a = arena.alloc(PAGE, 1).unwrap();
+        let b = arena.alloc(2 * PAGE, 1).unwrap();
+        let p = arena.data_ptr(b.start + 100);
+        let d = arena.locate(p, 50).unwrap();
+        assert_eq!(
+            (d.slot, d.gen, d.start, d.len),
+            (b.slot, b.gen, b.start + 100, 50)
+        );
+        arena.decref(&d);
+        assert!(arena.check(&b).is_ok());
+        let outside = [0u8; 4];
+        assert!(arena.locate(outside.as_ptr(), 4).is_none());
+    }
+
+    #[test]
+    fn reclaim_frees_only_a_dead_writers_unshared_blocks() {
+        let arena = Arena::create(8 * PAGE, 8).unwrap();
+        let writing = arena.alloc(PAGE, 5).unwrap();
+        let shared = arena.alloc(PAGE, 5).unwrap();
+        arena.share(&shared);
+        let other = arena.alloc(PAGE, 6).unwrap();
+        assert_eq!(arena.reclaim(5), 1);
+        assert!(arena.check(&writing).is_err());
+        assert!(arena.check(&shared).is_ok());
+        assert!(arena.check(&other).is_ok());
+    }
+
+    #[test]
+    fn a_holder_killed_with_the_mutex_does_not_wedge_the_arena() {
+        let arena = Arena::create(32 * PAGE, 8).unwrap();
+        let kept = arena.alloc(PAGE, 1).unwrap();
+        let dropped = arena.alloc(PAGE, 1).unwrap();
+        // A block whose last reference went while its dropper died before freeing it.
+        arena
+            .slot(dropped.slot as usize)
+            .refs
+            .store(0, Ordering::Relaxed);
+        // SAFETY: the child only takes the arena's mutex and exits, touching nothing the
+        // parent's other test threads could hold at the fork.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            std::mem::forget(arena.lock());
+            // SAFETY: ends the child at once, holding the mutex.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child just forked; `status` lives for the call.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        // The next locker is told, rebuilds the free list from the slots, and goes on.
+        let stats = arena.stats();
+        assert_eq!((stats.live_bytes, stats.blocks), (PAGE as u64, 1));
+        assert!(arena.check(&kept).is_ok());
+        assert_eq!(arena.free_extents(), (31 * PAGE as u64, 1));
+        arena.decref(&kept);
+        assert_eq!(arena.free_extents(), (32 * PAGE as u64, 1));
+    }
+
+    #[test]
+    fn another_process_maps_the_same_blocks() {
+        let arena = Arena::create(8 * PAGE, 4).unwrap();
+        let other = Arena::open(arena.fd().try_clone_to_owned().unwrap()).unwrap();
+        let a = other.alloc(PAGE, 3).unwrap();
+        fill(&other, &a, 7);
+        assert!(arena.check(&a).is_ok());
+        assert!(all(&arena, &a, 7));
+        arena.decref(&a);
+        assert!(other.check(&a).is_err());
+    }
+
+    #[test]
+    fn threads_allocate_share_and_free_without_losing_a_page() {
+        let arena = Arena::create(256 * PAGE, 64).unwrap();
+        std::thread::scope(|s| {
+            for t in 0..4u8 {
+                let arena = &arena;
+                s.spawn(move || {
+                    for i in 0..2000usize {
+                        let Some(d) = arena.alloc((i % 5) * PAGE + 1, t as u32) else {
+                            continue;
+                        };
+                        fill(arena, &d, t + 1);
+                        arena.incref(&d);
+                        assert!(all(arena, &d, t + 1));
+                        arena.decref(&d);
+                        arena.decref(&d);
+                    }
+                });
+            }
+        });
+        assert_eq!(arena.free_extents(), (256 * PAGE as u64, 1));
+        assert_eq!(arena.stats().live_bytes, 0);
+    }
+}

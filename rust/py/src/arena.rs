@@ -1,0 +1,239 @@
+//! `pipeflow._core.Arena` and `Block`: the shared-memory arena for large buffers, and one
+//! reference to a block of it, which exports the block's bytes through the buffer protocol (so
+//! that numpy arrays can be views on it, keeping it alive through their base).
+
+use std::ffi::{c_int, c_void};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Arc;
+
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::{PyBufferError, PyOSError, PyValueError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use pipeflow_core::shm::{Arena, Desc};
+
+type DescTuple = (u32, u32, u64, u64);
+
+fn to_tuple(d: &Desc) -> DescTuple {
+    (d.slot, d.gen, d.start, d.len)
+}
+
+fn from_tuple(t: DescTuple) -> Desc {
+    Desc {
+        slot: t.0,
+        gen: t.1,
+        start: t.2,
+        len: t.3,
+    }
+}
+
+fn os_error(e: std::io::Error) -> PyErr {
+    PyOSError::new_err(e.to_string())
+}
+
+/// A shared-memory arena of blocks (see `_core.pyi`).
+#[pyclass(frozen, name = "Arena", module = "pipeflow._core")]
+pub struct PyArena {
+    inner: Arc<Arena>,
+}
+
+#[pymethods]
+impl PyArena {
+    #[new]
+    #[pyo3(signature = (size, slots = 4096))]
+    fn new(size: usize, slots: usize) -> PyResult<Self> {
+        if size == 0 || slots == 0 || slots > 1 << 24 {
+            return Err(PyValueError::new_err(format!(
+                "an arena needs size > 0 and 0 < slots <= 16777216, got size={size} slots={slots}"
+            )));
+        }
+        Ok(PyArena {
+            inner: Arc::new(Arena::create(size, slots).map_err(os_error)?),
+        })
+    }
+
+    /// Maps an arena another process created, from its memfd (the descriptor is duplicated).
+    #[staticmethod]
+    fn open(fd: i32) -> PyResult<Self> {
+        // SAFETY: `fd` is only borrowed for the duplication below; the caller keeps ownership.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        let owned = borrowed.try_clone_to_owned().map_err(os_error)?;
+        Ok(PyArena {
+            inner: Arc::new(Arena::open(owned).map_err(os_error)?),
+        })
+    }
+
+    #[getter]
+    fn fd(&self) -> i32 {
+        self.inner.fd().as_raw_fd()
+    }
+
+    #[getter]
+    fn size(&self) -> usize {
+        self.inner.data_len()
+    }
+
+    #[getter]
+    fn slots(&self) -> usize {
+        self.inner.nslots()
+    }
+
+    /// A descriptor for the bytes of `buffer` (a contiguous byte buffer: `PickleBuffer.raw()`),
+    /// carrying one reference for a message: the block that holds them when they already live in
+    /// this arena, else a new block they are copied into. `None` when the arena has no room.
+    fn put(
+        &self,
+        py: Python<'_>,
+        buffer: &Bound<'_, PyAny>,
+        owner: u32,
+    ) -> PyResult<Option<DescTuple>> {
+        let buf = PyBuffer::<u8>::get(buffer)?;
+        if !buf.is_c_contiguous() {
+            return Err(PyBufferError::new_err(
+                "put() needs a contiguous byte buffer",
+            ));
+        }
+        let (src, len) = (buf.buf_ptr() as usize, buf.len_bytes());
+        if let Some(d) = self.inner.locate(src as *const u8, len) {
+            return Ok(Some(to_tuple(&d)));
+        }
+        let Some(d) = self.inner.alloc(len, owner) else {
+            return Ok(None);
+        };
+        let dst = self.inner.data_ptr(d.start) as usize;
+        py.detach(|| {
+            // SAFETY: `src` is the exported buffer of `len` bytes, kept alive (and its export
+            // pinned) by `buf` for this call; `dst` is a fresh block of at least `len` bytes that
+            // only this call knows of; they cannot overlap (the source is outside the block).
+            unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, len) };
+        });
+        drop(buf);
+        self.inner.share(&d);
+        Ok(Some((d.slot, d.gen, d.start, len as u64)))
+    }
+
+    /// A `Block` holding the reference a message's descriptor carried (`incref=False`), or a
+    /// new one (`incref=True`: the message keeps its own). A bad descriptor is a `ValueError`.
+    #[pyo3(signature = (desc, incref = false))]
+    fn adopt(&self, desc: DescTuple, incref: bool) -> PyResult<PyBlock> {
+        let d = from_tuple(desc);
+        self.inner
+            .check(&d)
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        if incref {
+            self.inner.incref(&d);
+        }
+        Ok(PyBlock {
+            arena: Arc::clone(&self.inner),
+            desc: d,
+        })
+    }
+
+    /// A new block of `nbytes` (zero-filled), or `None` when the arena has no room.
+    fn empty(&self, nbytes: usize, owner: u32) -> Option<PyBlock> {
+        let d = self.inner.alloc(nbytes, owner)?;
+        Some(PyBlock {
+            arena: Arc::clone(&self.inner),
+            desc: Desc {
+                len: nbytes as u64,
+                ..d
+            },
+        })
+    }
+
+    /// Frees the blocks a dead process was writing (its `owner` tag); returns how many.
+    fn reclaim(&self, py: Python<'_>, owner: u32) -> usize {
+        let inner = Arc::clone(&self.inner);
+        py.detach(move || inner.reclaim(owner))
+    }
+
+    /// `{"live_bytes", "blocks", "resident_bytes"}`.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let inner = Arc::clone(&self.inner);
+        let s = py.detach(move || inner.stats());
+        let d = PyDict::new(py);
+        d.set_item("live_bytes", s.live_bytes)?;
+        d.set_item("blocks", s.blocks)?;
+        d.set_item("resident_bytes", s.resident_bytes)?;
+        Ok(d)
+    }
+}
+
+/// One reference to a block of an arena, exporting its bytes (writable) through the buffer
+/// protocol; the reference goes when this object does.
+#[pyclass(frozen, name = "Block", module = "pipeflow._core")]
+pub struct PyBlock {
+    arena: Arc<Arena>,
+    desc: Desc,
+}
+
+#[pymethods]
+impl PyBlock {
+    /// The descriptor `(slot, gen, start, len)`, to name the block in a message.
+    #[getter]
+    fn desc(&self) -> DescTuple {
+        to_tuple(&self.desc)
+    }
+
+    fn __len__(&self) -> usize {
+        self.desc.len as usize
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<pipeflow Block of {} bytes>", self.desc.len)
+    }
+
+    /// # Safety
+    /// Called by Python with a valid `view` to fill.
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
+        if view.is_null() {
+            return Err(PyBufferError::new_err("a null Py_buffer"));
+        }
+        let (ptr, len) = {
+            let b = slf.get();
+            (b.arena.data_ptr(b.desc.start), b.desc.len as isize)
+        };
+        // SAFETY: `view` is a valid Py_buffer to fill (Python's contract for bf_getbuffer). The
+        // exported memory is the block's byte range inside the arena's mapping, which stays
+        // mapped and allocated while `obj` (this block, one reference) lives; the shape and
+        // strides point into the view itself, as Python allows for one-dimensional buffers.
+        unsafe {
+            (*view).obj = slf.into_any().into_ptr();
+            (*view).buf = ptr.cast::<c_void>();
+            (*view).len = len;
+            (*view).readonly = 0;
+            (*view).itemsize = 1;
+            (*view).format = if flags & ffi::PyBUF_FORMAT == ffi::PyBUF_FORMAT {
+                c"B".as_ptr().cast_mut()
+            } else {
+                std::ptr::null_mut()
+            };
+            (*view).ndim = 1;
+            (*view).shape = if flags & ffi::PyBUF_ND == ffi::PyBUF_ND {
+                &mut (*view).len
+            } else {
+                std::ptr::null_mut()
+            };
+            (*view).strides = if flags & ffi::PyBUF_STRIDES == ffi::PyBUF_STRIDES {
+                &mut (*view).itemsize
+            } else {
+                std::ptr::null_mut()
+            };
+            (*view).suboffsets = std::ptr::null_mut();
+            (*view).internal = std::ptr::null_mut();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PyBlock {
+    fn drop(&mut self) {
+        self.arena.decref(&self.desc);
+    }
+}

@@ -1,0 +1,326 @@
+"""Large buffers between processes through the shared-memory arena (issue 4).
+
+Every test also runs under the suite's leak check (``conftest.assert_clean``): no block of the
+arena may be live after it, whatever the test did (crash, Ctrl-C, early break).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import pipeflow as pf
+from pipeflow import _process, _shm
+from pipeflow._core import Arena, Block
+
+N = 1 << 17  # float64 items: 1 MiB, well above the threshold
+
+
+def ident(x: Any) -> Any:
+    return x
+
+
+def make(i: int) -> np.ndarray:
+    return np.full(N, float(i))
+
+
+def make_in_shm(i: int) -> np.ndarray:
+    a = pf.empty(N)
+    a[:] = i
+    return a
+
+
+def double_in_place(a: np.ndarray) -> np.ndarray:
+    a *= 2
+    return a
+
+
+def first(a: np.ndarray) -> float:
+    return float(a[0] + a[-1])
+
+
+def in_arena(a: np.ndarray) -> bool:
+    """Whether ``a`` is a view on a block of the arena (its base chain ends at a Block)."""
+    base: Any = a
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    return isinstance(base, Block)
+
+
+def live() -> int:
+    gc.collect()
+    return _shm.stats()["blocks"]
+
+
+def test_results_are_writable_views_on_shared_memory() -> None:
+    out = pf.Pipeline().stage(make, workers=2).run(range(6))
+    assert [float(a[0]) for a in out] == [0, 1, 2, 3, 4, 5]
+    assert all(in_arena(a) and a.flags.writeable and a.shape == (N,) for a in out)
+    assert live() == 6
+    out[3][:] = -1  # the receiver owns them
+    assert float(out[3].sum()) == -N
+    del out
+    assert live() == 0
+
+
+def test_results_outlive_the_run_and_the_workers() -> None:
+    out = pf.Pipeline().stage(make, workers=2).run(range(3))
+    _process.shutdown_idle()  # the workers that wrote the blocks are gone
+    assert [float(a[-1]) for a in out] == [0, 1, 2]
+    resident = _shm.stats()["resident_bytes"]
+    del out
+    assert live() == 0
+    # The freed blocks' pages went back to the OS.
+    assert _shm.stats()["resident_bytes"] <= resident - 3 * N * 8
+
+
+def test_small_arrays_stay_in_the_pickle() -> None:
+    out = pf.Pipeline().stage(np.arange, workers=2).run([3, 10])
+    assert [a.tolist() for a in out] == [[0, 1, 2], list(range(10))]
+    assert not any(in_arena(a) for a in out)
+
+
+def test_arrays_go_to_workers_and_from_stage_to_stage() -> None:
+    inputs = [np.full(N, float(i)) for i in range(5)]
+    out = (
+        pf.Pipeline()
+        .stage(double_in_place, workers=2)
+        .stage(double_in_place, workers=1)
+        .run(inputs)
+    )
+    assert [float(a[7]) for a in out] == [0, 4, 8, 12, 16]
+    assert [float(a[7]) for a in inputs] == [0, 1, 2, 3, 4]  # the parent's own are untouched
+    sums = pf.Pipeline().stage(first, workers=2).run(inputs)
+    assert sums == [0, 2, 4, 6, 8]
+    del out
+    assert live() == 0
+
+
+def test_an_array_made_with_empty_crosses_without_a_copy() -> None:
+    a = pf.empty(N)
+    a[:] = 5
+    (back,) = pf.Pipeline().stage(ident).run([a])
+    # Parent -> worker -> parent, and it is the same memory all the way.
+    assert np.shares_memory(a, back)
+    back[0] = 42
+    assert a[0] == 42
+    del a, back
+    assert live() == 0
+
+
+def test_empty_in_a_worker_and_forwarded_through_two_stages() -> None:
+    out = pf.Pipeline().stage(make_in_shm, workers=2).stage(double_in_place).run(range(4))
+    assert [float(a[1]) for a in out] == [0, 2, 4, 6]
+    assert all(in_arena(a) for a in out)
+
+
+def test_empty_validates_and_falls_back() -> None:
+    a = pf.empty((2, 3), dtype="int16", order="F")
+    assert a.shape == (2, 3) and a.dtype == np.int16 and a.flags.f_contiguous
+    assert not a.any()
+    assert pf.empty(0).shape == (0,)
+    objects = pf.empty(3, dtype=object)  # object arrays cannot live in shared memory
+    assert objects.dtype == object and not in_arena(objects)
+    with pytest.raises(ValueError, match="order"):
+        pf.empty(3, order="K")
+
+
+@dataclasses.dataclass
+class Holder:
+    name: str
+    arrays: list[np.ndarray]
+
+
+def nested(i: int) -> dict[str, Any]:
+    return {
+        "holder": Holder(f"h{i}", [np.full(N, i), np.zeros((0, 3))]),
+        "tuple": (np.float32(i), np.array(i)),
+        "fortran": np.asfortranarray(np.arange(N, dtype=np.int32).reshape(256, -1)),
+        "strided": np.arange(2 * N, dtype=np.float64)[::2],
+        "objects": np.array([{"k": i}, None, "s"] * 30_000, dtype=object),
+        "bytes": bytes(300_000),
+        "bytearray": bytearray(b"x" * 300_000),
+        "view": memoryview(bytearray(b"y" * 100_000)),
+    }
+
+
+def test_arrays_nested_in_containers_and_every_kind_of_buffer() -> None:
+    (out,) = pf.Pipeline().stage(nested).run([7])
+    holder = out["holder"]
+    assert isinstance(holder, Holder) and holder.name == "h7"
+    assert float(holder.arrays[0][-1]) == 7 and holder.arrays[1].shape == (0, 3)
+    assert out["tuple"] == (np.float32(7), np.array(7))
+    fortran = out["fortran"]
+    assert fortran.flags.f_contiguous and fortran[3, 5] == np.arange(N).reshape(256, -1)[3, 5]
+    assert np.array_equal(out["strided"], np.arange(2 * N, dtype=np.float64)[::2])
+    assert out["objects"][0] == {"k": 7} and out["objects"].dtype == object
+    assert out["bytes"] == bytes(300_000) and type(out["bytes"]) is bytes
+    assert out["bytearray"] == bytearray(b"x" * 300_000)
+    assert isinstance(out["view"], memoryview) and out["view"].tobytes() == b"y" * 100_000
+    assert in_arena(holder.arrays[0]) and in_arena(fortran) and in_arena(out["strided"])
+
+
+dtypes = st.one_of(
+    hnp.boolean_dtypes(),
+    hnp.integer_dtypes(),
+    hnp.unsigned_integer_dtypes(),
+    hnp.floating_dtypes(),
+    hnp.complex_number_dtypes(),
+    hnp.datetime64_dtypes(),
+    hnp.byte_string_dtypes(),
+    st.just(np.dtype([("a", "<i4"), ("b", "<f8", (2,))])),
+)
+
+
+@st.composite
+def arrays(draw: st.DrawFn) -> np.ndarray:
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=300))
+    a = draw(hnp.arrays(draw(dtypes), shape, elements=None, fill=st.nothing()))
+    layout = draw(st.sampled_from(["C", "F", "strided"]))
+    if layout == "F":
+        return np.asfortranarray(a)
+    if layout == "strided" and a.ndim >= 1 and a.shape[0] > 1:
+        return a[::2]
+    return a
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(st.lists(arrays(), min_size=1, max_size=3))
+def test_any_array_round_trips_through_a_process_stage(values: list[np.ndarray]) -> None:
+    with _shm_threshold(256):  # small enough that most examples go through the arena
+        out = pf.Pipeline().stage(ident, workers=2).run(values)
+    for a, b in zip(values, out, strict=True):
+        # The same dtype, or what plain pickle makes of it (numpy turns some big-endian dtypes
+        # native); the same values bit for bit (NaN and NaT included); the same memory order.
+        expected = pickle.loads(pickle.dumps(a, protocol=5))
+        assert b.dtype in (a.dtype, expected.dtype) and b.shape == a.shape
+        same = np.ascontiguousarray(b).astype(a.dtype)
+        assert same.tobytes() == np.ascontiguousarray(a).tobytes()
+        assert b.flags.f_contiguous == expected.flags.f_contiguous
+        assert b.flags.c_contiguous == expected.flags.c_contiguous
+    del out
+
+
+class _shm_threshold:
+    """Lowers the arena threshold in the parent and, through the environment, in workers
+    started meanwhile; the warm set is emptied on both sides so that every worker agrees."""
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+
+    def __enter__(self) -> None:
+        self.saved = _shm.THRESHOLD
+        _shm.THRESHOLD = self.threshold
+
+    def __exit__(self, *exc: object) -> None:
+        _shm.THRESHOLD = self.saved
+
+
+def test_a_damaged_descriptor_is_an_error_not_a_crash() -> None:
+    arena = _shm.arena()
+    block = arena.empty(10, 0)
+    assert block is not None
+    slot, gen, start, length = block.desc
+    for bad in [
+        (slot + 10**6, gen, start, length),
+        (slot, gen + 1, start, length),
+        (slot, gen, start, 1 << 40),
+        (slot, gen, 2**63, 2),
+    ]:
+        with pytest.raises(ValueError, match="bad block descriptor"):
+            arena.adopt(bad)
+    del block
+    with pytest.raises(ValueError, match="not live"):
+        arena.adopt((slot, gen, start, length))
+
+
+def test_arena_size_is_checked() -> None:
+    with pytest.raises(ValueError, match="positive int"):
+        pf.set_arena_size(0)
+    with pytest.raises(ValueError, match="positive int"):
+        pf.set_arena_size(1.5)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="before the first process stage"):
+        pf.set_arena_size(pf.arena_size() + (1 << 20))
+    pf.set_arena_size(pf.arena_size())
+    with pytest.raises(ValueError):
+        Arena(0)
+
+
+def crash_after_writing(i: int) -> np.ndarray:
+    a = pf.empty(N)
+    a[:] = i
+    if i == 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # holding a block it wrote, not yet shared
+    return a
+
+
+def test_a_worker_killed_while_writing_leaks_nothing_and_spoils_nothing() -> None:
+    kept = pf.Pipeline().stage(make, workers=2).run(range(2))
+    with pytest.raises(pf.WorkerCrashed, match="SIGKILL"):
+        pf.Pipeline().stage(crash_after_writing, workers=2).run(range(8))
+    out = pf.Pipeline().stage(crash_after_writing, workers=2, retries=0).run([0, 1, 2])
+    assert [float(a[0]) for a in out] == [0, 1, 2]
+    assert [float(a[9]) for a in kept] == [0, 1]  # other results untouched
+    del out, kept
+    _process.shutdown_idle()
+    assert live() == 0
+
+
+def test_a_full_arena_and_arrays_larger_than_it_fall_back_to_the_rings() -> None:
+    script = textwrap.dedent(
+        """
+        import numpy as np
+        import pipeflow as pf
+        from pipeflow import _shm
+
+        def make(n):
+            return np.full(n, 3.0)
+
+        pf.set_arena_size(1 << 20)
+        # 8 MiB arrays: larger than the whole arena; then many 256 KiB ones held at once.
+        big = pf.Pipeline().stage(make, workers=2).run([1 << 20] * 3)
+        assert all(a.shape == (1 << 20,) and a[-1] == 3.0 for a in big)
+        many = pf.Pipeline().stage(make, workers=2).run([1 << 15] * 40)
+        assert all(a.shape == (1 << 15,) and a[0] == 3.0 for a in many)
+        stats = _shm.stats()
+        assert 0 < stats["live_bytes"] <= 1 << 20, stats
+        del many, big
+        import gc; gc.collect()
+        assert _shm.stats()["blocks"] == 0, _shm.stats()
+        print("ok")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+def test_an_early_break_frees_the_blocks_in_flight() -> None:
+    results = pf.Pipeline().stage(make, workers=2).iter(range(1000))
+    for i, a in enumerate(results):
+        assert float(a[0]) == i
+        if i == 5:
+            break
+    results.close()
+    del results, a
+    _process.shutdown_idle()
+    assert live() == 0
