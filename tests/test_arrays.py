@@ -324,3 +324,29 @@ def test_an_early_break_frees_the_blocks_in_flight() -> None:
     del results, a
     _process.shutdown_idle()
     assert live() == 0
+
+
+def test_large_results_go_one_to_a_batch() -> None:
+    # Batches aim at 5 ms of work, and at results of ~1 MiB at most: quick items with 4 MiB
+    # results go alone, so that a worker never holds many large results at once.
+    from pipeflow._engine import _StepState
+    from pipeflow.pipeline import Pipeline
+
+    (step,) = Pipeline().stage(make)._steps
+    st = _StepState(step, 0, 0)
+    st.measure(0.001, 10, 10 * 8)  # tiny results: the time decides
+    assert st.chunk() == 50
+    st.measure(0.001, 10, 10 * (4 << 20))  # 4 MiB each: one to a batch
+    assert st.chunk() == 1
+
+
+def test_an_idle_arena_holds_no_freed_pages() -> None:
+    # While process stages run, freed blocks stay resident for reuse (a fresh page of shared
+    # memory costs a fault); when they stop, their pages go back to the OS.
+    base = _shm.stats()["resident_bytes"]
+    for a in pf.Pipeline().stage(make, workers=2).iter(range(20)):
+        assert a.shape == (N,)
+    del a
+    gc.collect()
+    assert _shm.stats()["blocks"] == 0
+    assert _shm.stats()["resident_bytes"] <= base + (1 << 20)

@@ -198,6 +198,11 @@ class Arena:
         ``incref``); ``ValueError`` if ``desc`` names no live block."""
     def empty(self, nbytes: int, owner: int) -> Block | None:
         """A new zero-filled block of ``nbytes``, or ``None`` when the arena has no room."""
+    def set_cache_limit(self, nbytes: int) -> None:
+        """How many bytes of freed blocks may stay resident so that new blocks reuse their pages
+        (a fresh page of shared memory costs a fault and zeroing); 0 returns them at once."""
+    def trim(self) -> None:
+        """Returns the pages of every free block to the OS."""
     def reclaim(self, owner: int) -> int:
         """Frees the unshared blocks of a dead process tagged ``owner``; returns how many."""
     def stats(self) -> dict[str, int]:

@@ -34,7 +34,7 @@ from collections.abc import Callable, Generator, Iterator
 from time import perf_counter
 from typing import Any
 
-from . import _pool
+from . import _pool, _shm
 from ._context import Context, _current, current_context
 from ._core import Channel
 from ._errors import ChannelClosed, WorkerCrashed
@@ -47,6 +47,7 @@ __all__ = ["Results", "Run", "worker_state"]
 
 MAX_CHUNK = 8192  # the most items in one batch
 CHUNK_SECONDS = 0.005  # aim for batches that take a worker about this long
+CHUNK_BYTES = 1 << 20  # and whose results come to about this much at most (large results go alone)
 SOURCE_HOLD = 0.005  # the feeder sends a partial batch once its first item waited this long
 SOURCE_PIECE = 1024  # the most items the feeder pulls between two looks at the clock
 SUPERVISE_EVERY = 0.1
@@ -89,6 +90,7 @@ class _StepState:
         self.seconds_per_item: float | None = None
         self._seconds = 0.0  # decayed sums of measured batches (see measure)
         self._items = 0.0
+        self._bytes = 0.0
         self.workers_left = step.workers
         # Per worker: [index in its batch of the item in hand or None, when it started, batch].
         self.slots: list[list[Any]] = [[None, 0.0, None] for _ in range(step.workers)]
@@ -104,7 +106,9 @@ class _StepState:
         spi = self.seconds_per_item
         if spi is None:
             return 1
-        return max(1, min(MAX_CHUNK, int(CHUNK_SECONDS / max(spi, 1e-9))))
+        by_time = int(CHUNK_SECONDS / max(spi, 1e-9))
+        by_size = int(CHUNK_BYTES / max(self._bytes / self._items, 1e-9))
+        return max(1, min(MAX_CHUNK, by_time, by_size))
 
     def quick(self) -> bool:
         """Whether a batch for this step is known to take at most ``QUEUE_SECONDS``: then one
@@ -112,13 +116,15 @@ class _StepState:
         spi = self.seconds_per_item
         return spi is not None and spi * self.chunk() <= QUEUE_SECONDS
 
-    def measure(self, seconds: float, items: int) -> None:
-        """Takes the time a batch of ``items`` took. The estimate is a ratio of decayed sums, so
-        a large batch weighs more than a small one (whose time is mostly per-batch overhead):
-        the batch size ramps from 1 to its best in a few batches, and a slowdown shows at once."""
+    def measure(self, seconds: float, items: int, nbytes: int = 0) -> None:
+        """Takes the time a batch of ``items`` took, and how many bytes its results came to
+        (process steps). The estimates are ratios of decayed sums, so a large batch weighs more
+        than a small one (whose time is mostly per-batch overhead): the batch size ramps from 1
+        to its best in a few batches, and a slowdown shows at once."""
         if items:
             self._seconds = 0.5 * self._seconds + seconds
             self._items = 0.5 * self._items + items
+            self._bytes = 0.5 * self._bytes + nbytes
             self.seconds_per_item = self._seconds / self._items
 
 
@@ -453,7 +459,7 @@ class Run:
             out, n = runner.receive(pending, slot)
             pending.popleft()
             now = perf_counter()
-            st.measure(now - max(first.sent, last), n)
+            st.measure(now - max(first.sent, last), n, out.nbytes)
             last = now
             slot[0] = None
             if not self._send_chunks(st.index + 1, out):
@@ -812,6 +818,7 @@ class _ProcessRunner:
         self._closed = False
         self._worker: WorkerProcess | None = None
         self._starting: WorkerProcess | None = None
+        self._busy = False  # counted in _shm.busy(): freed blocks kept for reuse meanwhile
 
     @property
     def worker(self) -> WorkerProcess:
@@ -820,6 +827,8 @@ class _ProcessRunner:
 
     def start(self) -> None:
         """Gets a worker (:meth:`interrupt` stops a start in progress)."""
+        _shm.busy()
+        self._busy = True
         self._worker = self._start()
 
     def _start(self) -> WorkerProcess:
@@ -890,13 +899,18 @@ class _ProcessRunner:
         leaves its worker idle and sound); kills one a stop left holding a batch."""
         with self._lock:
             self._closed = True
-        if self._worker is None:
-            return  # it did not start
-        if self.busy:
-            self.worker.kill()
-            self.worker.stop()
-        else:
-            give_back(self.worker)
+        try:
+            if self._worker is None:
+                return  # it did not start
+            if self.busy:
+                self.worker.kill()
+                self.worker.stop()
+            else:
+                give_back(self.worker)
+        finally:
+            if self._busy:
+                self._busy = False
+                _shm.idle()
 
 
 def _progress_bar(total: int | None) -> Any:

@@ -92,6 +92,13 @@ class Batch:
         return self._values is None
 
     @property
+    def nbytes(self) -> int:
+        """The size of the pickled values and their shared-memory buffers (0 once unpickled)."""
+        if self._payload is None:
+            return 0
+        return len(self._payload) + sum(len(b) for b in self._blocks)
+
+    @property
     def values(self) -> list[Any]:
         """The values (unpickled on first use, for a batch made by :meth:`encoded`)."""
         if self._values is None:

@@ -364,10 +364,20 @@ class WorkerProcess:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
-        _shm.reclaim(self.tag)  # the blocks it was writing when it died, if it did
+        self._drop_unread_replies()
+        _shm.reclaim(self.tag)  # the blocks it was writing, or sent in a reply nobody read
         self.from_child.close_read()
         # Drop the rings now, not when this object goes: a traceback may keep it alive.
         self.to_child = self.from_child = self.at = _CLOSED
+
+    def _drop_unread_replies(self) -> None:
+        """Frees the shared-memory blocks of whole replies left in the ring (a stopped run)."""
+        parts: list[bytes] = []
+        with contextlib.suppress(Exception):  # empty, closed, or a reply cut short by a kill
+            while True:
+                reply = recv_message(self.from_child, 0, parts)
+                if reply[0] == "done":
+                    _shm.adopt(reply[5])  # adopted and dropped: freed
 
     def interrupt(self) -> None:
         """Wakes a thread waiting in :meth:`receive` at once (it then sees that the run stopped).

@@ -144,6 +144,33 @@ def owner() -> int:
     return _owner
 
 
+CACHE_BYTES = 256 << 20  # freed blocks kept resident for reuse while process stages run
+_busy = 0
+
+
+def busy() -> None:
+    """A process stage's worker starts work: freed blocks stay resident (up to
+    :data:`CACHE_BYTES`) so that the next ones reuse their pages instead of faulting in fresh
+    ones (6 ms for 4 MiB of fresh shared memory here, against 0.5 ms to reuse resident pages)."""
+    global _busy
+    a = arena()
+    with _lock:
+        _busy += 1
+        if _busy == 1:
+            a.set_cache_limit(CACHE_BYTES)
+
+
+def idle() -> None:
+    """The end of :func:`busy`; when no worker is busy, every freed block's pages go back to
+    the OS, and later frees return theirs at once."""
+    global _busy
+    with _lock:
+        _busy -= 1
+        if _busy == 0 and _arena is not None:
+            _arena.set_cache_limit(0)
+            _arena.trim()
+
+
 def reclaim(tag: int) -> None:
     """Frees the blocks a dead worker (``tag``) was writing."""
     if _arena is not None:

@@ -103,19 +103,21 @@ impl PyArena {
             return Ok(None);
         };
         let dst = self.inner.data_ptr(d.start) as usize;
+        let inner = &self.inner;
         py.detach(|| {
+            inner.populate(d.start, len as u64);
             // SAFETY: `src` is the exported buffer of `len` bytes, kept alive (and its export
             // pinned) by `buf` for this call; `dst` is a fresh block of at least `len` bytes that
             // only this call knows of; they cannot overlap (the source is outside the block).
             unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, len) };
         });
         drop(buf);
-        self.inner.share(&d);
         Ok(Some((d.slot, d.gen, d.start, len as u64)))
     }
 
     /// A `Block` holding the reference a message's descriptor carried (`incref=False`), or a
-    /// new one (`incref=True`: the message keeps its own). A bad descriptor is a `ValueError`.
+    /// new one (`incref=True`: the message keeps its own); the block is shared from now on
+    /// (see `reclaim`). A bad descriptor is a `ValueError`.
     #[pyo3(signature = (desc, incref = false))]
     fn adopt(&self, desc: DescTuple, incref: bool) -> PyResult<PyBlock> {
         let d = from_tuple(desc);
@@ -125,6 +127,7 @@ impl PyArena {
         if incref {
             self.inner.incref(&d);
         }
+        self.inner.share(&d);
         Ok(PyBlock {
             arena: Arc::clone(&self.inner),
             desc: d,
@@ -132,8 +135,15 @@ impl PyArena {
     }
 
     /// A new block of `nbytes` (zero-filled), or `None` when the arena has no room.
-    fn empty(&self, nbytes: usize, owner: u32) -> Option<PyBlock> {
+    fn empty(&self, py: Python<'_>, nbytes: usize, owner: u32) -> Option<PyBlock> {
         let d = self.inner.alloc(nbytes, owner)?;
+        let inner = &self.inner;
+        // Reused pages hold an earlier block's bytes: zero them, as a fresh block reads.
+        py.detach(|| {
+            inner.populate(d.start, nbytes as u64);
+            // SAFETY: a fresh block of at least `nbytes` that only this call knows of.
+            unsafe { std::ptr::write_bytes(inner.data_ptr(d.start), 0, nbytes) };
+        });
         Some(PyBlock {
             arena: Arc::clone(&self.inner),
             desc: Desc {
@@ -141,6 +151,17 @@ impl PyArena {
                 ..d
             },
         })
+    }
+
+    /// How many bytes of freed blocks may stay resident for reuse (0: none).
+    fn set_cache_limit(&self, nbytes: u64) {
+        self.inner.set_cache_limit(nbytes);
+    }
+
+    /// Returns the pages of every free block to the OS.
+    fn trim(&self, py: Python<'_>) {
+        let inner = Arc::clone(&self.inner);
+        py.detach(move || inner.trim());
     }
 
     /// Frees the blocks a dead process was writing (its `owner` tag); returns how many.

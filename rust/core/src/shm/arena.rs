@@ -16,11 +16,16 @@
 //!
 //! - `alloc` takes a free extent and a free slot under the mutex: state `WRITING`, one reference,
 //!   owned by the allocating process's tag.
-//! - The holder of a reference may add one (`incref`) to put the block in a message; a block put
-//!   in a message is marked `SHARED`, so that a dead writer's `WRITING` blocks, which nobody else
-//!   can know of, are freed by `reclaim(owner)` when the parent sees the writer die.
-//! - The last `decref` frees the block: under the mutex, its pages are returned to the OS
-//!   (`FALLOC_FL_PUNCH_HOLE`) and its extent goes back to the free list.
+//! - The holder of a reference may add one (`incref`) to put the block in a message. The block
+//!   stays `WRITING` until a receiver takes it from a message and marks it `SHARED` (`share`):
+//!   so the blocks of a dead writer that nobody took (being written, or in a message never read)
+//!   are freed by `reclaim(owner)` when the parent sees the writer die.
+//! - The last `decref` frees the block: under the mutex, its extent goes back to the free list,
+//!   and its pages are returned to the OS (`FALLOC_FL_PUNCH_HOLE`) unless the freed blocks that
+//!   stay resident are within the cache limit. Reusing resident pages matters: a fresh page of
+//!   shared memory costs a fault and zeroing, ~6 µs (a 4 MiB block: 6 ms to fill, against 0.5 ms
+//!   for resident pages). The owner of the arena raises the limit while work runs and sets it to
+//!   0 and `trim`s when it stops, so that idle, the arena holds only live blocks.
 //!
 //! A process killed at any instant cannot wedge the arena: the mutex is robust (the next locker
 //! is told the owner died) and the free list is then rebuilt from the slots, which are the truth.
@@ -64,6 +69,8 @@ struct Header {
     nextents: u64,
     hint: u64,
     lock: libc::pthread_mutex_t,
+    // How many bytes of freed blocks may stay resident for reuse (see `set_cache_limit`).
+    cache_limit: AtomicU64,
 }
 
 #[repr(C)]
@@ -193,10 +200,24 @@ impl Locked<'_> {
         }
         let off = slot.off.load(Ordering::Relaxed);
         let len = slot.len.load(Ordering::Relaxed);
-        self.arena.punch(off, len);
+        self.header().live -= len;
+        let live = self.header().live;
+        let limit = self.header().cache_limit.load(Ordering::Relaxed);
+        // Resident beyond the live blocks and the metadata (at most `data_off`): the cache.
+        let meta = self.arena.data_off as u64;
+        if limit == 0 || self.arena.resident().saturating_sub(live + meta) > limit {
+            self.arena.punch(off, len);
+        }
         slot.state.store(FREE, Ordering::Release);
         self.insert_free(off, len);
-        self.header().live -= len;
+    }
+
+    /// Returns the pages of every free extent to the OS.
+    fn trim(&mut self) {
+        for i in 0..self.header().nextents as usize {
+            let e = self.extents()[i];
+            self.arena.punch(e.off, e.len);
+        }
     }
 
     /// Rebuilds the free list from the slots, after a process died holding the mutex: a block
@@ -388,6 +409,46 @@ impl Arena {
         }
     }
 
+    /// Bytes of the memfd backed by memory.
+    fn resident(&self) -> u64 {
+        // SAFETY: `stat` is a plain C struct, filled by fstat.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat on our own descriptor writes into `st`, which lives for the call.
+        unsafe { libc::fstat(self.region.fd().as_raw_fd(), &mut st) };
+        st.st_blocks as u64 * 512
+    }
+
+    /// How many bytes of freed blocks may stay resident (in the whole arena, for every process)
+    /// so that new blocks reuse their pages; 0 returns every freed block's pages at once.
+    pub fn set_cache_limit(&self, bytes: u64) {
+        // SAFETY: the header lives as long as the mapping; the field is only used atomically.
+        let h = unsafe { &*self.region.as_ptr().cast::<Header>() };
+        // Relaxed: a hint read under the mutex; a free that still sees the old limit only
+        // keeps or returns one block's pages.
+        h.cache_limit.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Returns the pages of every free block to the OS (the cache emptied).
+    pub fn trim(&self) {
+        if let Some(mut locked) = self.lock() {
+            locked.trim();
+        }
+    }
+
+    /// Maps the pages of `[start, start + len)` writable in this process in one call, instead
+    /// of a fault per page as they are first written (`MADV_POPULATE_WRITE`, Linux 5.14; a no-op
+    /// where it is missing).
+    pub fn populate(&self, start: u64, len: u64) {
+        let base = self.data_ptr(0) as usize;
+        let from = (base + start as usize) & !(PAGE - 1);
+        let to = round_up(base + (start + len) as usize, PAGE).min(base + self.data_len);
+        if to > from {
+            // SAFETY: a page range inside our own mapping; populating only faults pages in,
+            // leaving their contents as they are.
+            unsafe { libc::madvise(from as *mut libc::c_void, to - from, 23) };
+        }
+    }
+
     fn punch(&self, off: u64, len: u64) {
         // SAFETY: fallocate on our own memfd, inside the data area; it only drops the pages'
         // contents (they read as zeros afterwards), which nobody uses: the block is being freed.
@@ -488,19 +549,16 @@ impl Arena {
         Ok(())
     }
 
-    /// Adds a reference to a block the caller holds one to, and marks it shared (it is about to
-    /// be put in a message, or was just read from one).
+    /// Adds a reference to a block the caller holds one to (for a message, or a second holder).
     pub fn incref(&self, desc: &Desc) {
         let slot = self.slot(desc.slot as usize);
         // Relaxed: the caller holds a reference, so the block cannot be freed meanwhile; the
         // message that carries the new reference orders everything else (ring: release/acquire).
         slot.refs.fetch_add(1, Ordering::Relaxed);
-        if slot.state.load(Ordering::Relaxed) == WRITING {
-            slot.state.store(SHARED, Ordering::Release);
-        }
     }
 
-    /// Marks a block the caller holds as shared (its reference goes into a message).
+    /// Marks a block the caller holds as shared: a receiver took it from a message, so that
+    /// `reclaim` leaves it alone when its writer dies.
     pub fn share(&self, desc: &Desc) {
         self.slot(desc.slot as usize)
             .state
@@ -581,14 +639,10 @@ impl Arena {
             }
             None => (u64::MAX, u64::MAX),
         };
-        // SAFETY: `stat` is a plain C struct, filled by fstat.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: fstat on our own descriptor writes into `st`, which lives for the call.
-        unsafe { libc::fstat(self.region.fd().as_raw_fd(), &mut st) };
         Stats {
             live_bytes,
             blocks,
-            resident_bytes: st.st_blocks as u64 * 512,
+            resident_bytes: self.resident(),
         }
     }
 
@@ -678,6 +732,37 @@ mod tests {
         assert_eq!(b.start, a.start);
         assert!(all(&arena, &b, 0));
         assert!(arena.check(&a).is_err(), "a stale descriptor stays stale");
+    }
+
+    #[test]
+    fn freed_pages_stay_resident_within_the_cache_limit_until_trimmed() {
+        let arena = Arena::create(64 * PAGE, 8).unwrap();
+        let base = arena.stats().resident_bytes;
+        arena.set_cache_limit(4 * PAGE as u64);
+        let a = arena.alloc(4 * PAGE, 1).unwrap();
+        fill(&arena, &a, 3);
+        arena.decref(&a);
+        assert_eq!(
+            arena.stats().resident_bytes,
+            base + 4 * PAGE as u64,
+            "kept for reuse"
+        );
+        let b = arena.alloc(4 * PAGE, 1).unwrap();
+        assert_eq!(b.start, a.start, "the resident pages are reused first");
+        let c = arena.alloc(4 * PAGE, 1).unwrap();
+        fill(&arena, &b, 1);
+        fill(&arena, &c, 1);
+        arena.decref(&b);
+        arena.decref(&c); // over the limit: returned at once
+        assert_eq!(arena.stats().resident_bytes, base + 4 * PAGE as u64);
+        arena.trim();
+        assert_eq!(arena.stats().resident_bytes, base);
+        arena.set_cache_limit(0);
+        let d = arena.alloc(PAGE, 1).unwrap();
+        arena.populate(d.start, d.len);
+        assert_eq!(arena.stats().resident_bytes, base + PAGE as u64);
+        arena.decref(&d);
+        assert_eq!(arena.stats().resident_bytes, base);
     }
 
     #[test]
