@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(PY) -m benches.memory
 	$(PY) -m benches.faults
 	$(PY) -m benches.startup
+	$(PY) -m benches.arrays
 
 clean:
 	rm -rf $(VENV) target

@@ -47,7 +47,7 @@ __all__ = ["Results", "Run", "worker_state"]
 
 MAX_CHUNK = 8192  # the most items in one batch
 CHUNK_SECONDS = 0.005  # aim for batches that take a worker about this long
-CHUNK_BYTES = 1 << 20  # and whose results come to about this much at most (large results go alone)
+CHUNK_BYTES = 1 << 20  # and whose items or results come to about this much (large ones go alone)
 SOURCE_HOLD = 0.005  # the feeder sends a partial batch once its first item waited this long
 SOURCE_PIECE = 1024  # the most items the feeder pulls between two looks at the clock
 SUPERVISE_EVERY = 0.1
@@ -117,10 +117,10 @@ class _StepState:
         return spi is not None and spi * self.chunk() <= QUEUE_SECONDS
 
     def measure(self, seconds: float, items: int, nbytes: int = 0) -> None:
-        """Takes the time a batch of ``items`` took, and how many bytes its results came to
-        (process steps). The estimates are ratios of decayed sums, so a large batch weighs more
-        than a small one (whose time is mostly per-batch overhead): the batch size ramps from 1
-        to its best in a few batches, and a slowdown shows at once."""
+        """Takes the time a batch of ``items`` took, and how many bytes its items or its results
+        came to, whichever is more (process steps). The estimates are ratios of decayed sums, so
+        a large batch weighs more than a small one (whose time is mostly per-batch overhead):
+        the batch size ramps from 1 to its best in a few batches, and a slowdown shows at once."""
         if items:
             self._seconds = 0.5 * self._seconds + seconds
             self._items = 0.5 * self._items + items
@@ -459,7 +459,7 @@ class Run:
             out, n = runner.receive(pending, slot)
             pending.popleft()
             now = perf_counter()
-            st.measure(now - max(first.sent, last), n, out.nbytes)
+            st.measure(now - max(first.sent, last), n, max(first.nbytes, out.nbytes))
             last = now
             slot[0] = None
             if not self._send_chunks(st.index + 1, out):
@@ -794,6 +794,11 @@ class _Pending:
         self.request = request
         self.keep = keep
         self.sent = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        """The request's size, its shared-memory buffers included."""
+        return len(self.request) + sum(len(b) for b in self.keep)
 
 
 class _ProcessRunner:
