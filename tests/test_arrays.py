@@ -350,3 +350,76 @@ def test_an_idle_arena_holds_no_freed_pages() -> None:
     gc.collect()
     assert _shm.stats()["blocks"] == 0
     assert _shm.stats()["resident_bytes"] <= base + (1 << 20)
+
+
+CTRL_C_ARRAYS = """
+    import signal, gc, itertools, sys, numpy as np, pipeflow as pf
+    from pipeflow import _process, _shm
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    def make(i):
+        return np.full(1 << 17, float(i))
+    def twice(a):
+        a *= 2
+        return a
+    try:
+        results = pf.Pipeline().stage(make, workers=2).stage(twice).iter(itertools.count())
+        for i, a in enumerate(results):
+            assert a[0] == 2 * i
+            if i == 20:
+                print("ready", flush=True)
+    except KeyboardInterrupt:
+        pass  # the traceback holds the interrupted frames until this block ends
+    else:
+        sys.exit(3)
+    del results, a
+    gc.collect()
+    _process.shutdown_idle()
+    stats = _shm.stats()
+    print("blocks", stats["blocks"], "resident", stats["resident_bytes"], flush=True)
+"""
+
+
+def test_ctrl_c_in_an_array_pipeline_leaves_no_block_and_no_memory() -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(CTRL_C_ARRAYS)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready"
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == 0, err
+    words = out.split()
+    assert words[:2] == ["blocks", "0"], out
+    # Only the arena's header and slot pages stay resident: no block's pages.
+    assert int(words[3]) < 1 << 20, out
+
+
+_stash: list[np.ndarray] = []
+
+
+def stash(a: np.ndarray | None) -> float:
+    """Keeps each input array beyond its call; for ``None``, sums what it kept."""
+    if a is None:
+        return float(sum(k[0] + k[-1] for k in _stash))
+    _stash.append(a)
+    return float(a[0])
+
+
+def test_an_input_array_kept_by_stage_code_stays_valid() -> None:
+    # The parent lets go of each input's block once answered, and reuses the memory for the
+    # next input: the kept arrays must not see it.
+    inputs = [np.full(N, float(i)) for i in range(4)]
+    out = pf.Pipeline().stage(stash, workers=1).run([*inputs, None])
+    assert out == [0, 1, 2, 3, 12.0]
+    del inputs
+    gc.collect()
+    assert live() == 4  # the worker's references
+    _process.shutdown_idle()  # the worker exits: its references go with it
+    assert live() == 0

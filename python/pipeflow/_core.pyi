@@ -196,6 +196,9 @@ class Arena:
     def adopt(self, desc: _Desc, incref: bool = False) -> Block:
         """A :class:`Block` holding the reference ``desc`` carried (or a new one with
         ``incref``); ``ValueError`` if ``desc`` names no live block."""
+    def borrow(self, desc: _Desc) -> Block:
+        """A :class:`Block` that holds no reference (the sender of the message keeps the block
+        alive until it has the answer), unless :meth:`Block.keep` takes one."""
     def empty(self, nbytes: int, owner: int) -> Block | None:
         """A new zero-filled block of ``nbytes``, or ``None`` when the arena has no room."""
     def set_cache_limit(self, nbytes: int) -> None:
@@ -216,4 +219,9 @@ class Block:
     @property
     def desc(self) -> _Desc:
         """``(slot, gen, start, len)``, to name the block in a message."""
+    @property
+    def owned(self) -> bool:
+        """Whether this object holds a reference (not :meth:`Arena.borrow`-ed, or kept)."""
+    def keep(self) -> None:
+        """Takes a reference of its own, for a borrowed block still in use."""
     def __len__(self) -> int: ...

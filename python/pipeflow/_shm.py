@@ -10,8 +10,11 @@ with :func:`empty` lives in the arena from the start and crosses without any cop
 
 Whose reference is whose. A descriptor in a worker's reply carries one reference, which the
 parent adopts at once (:func:`adopt`), before it even unpickles the batch. The descriptors of a
-request stay the parent's until the reply comes (the pending batch holds their blocks: a worker
-that dies with them leaks nothing); the worker takes its own reference when it reads them.
+request stay the parent's until the reply comes (the pending batch holds their blocks); the
+worker only borrows them (:func:`borrow`), and takes a reference of its own just before it
+answers if stage code kept an input array (:func:`keep_used`). So a worker killed while it holds
+a batch (a crash, a stop, Ctrl-C) leaks nothing: a block it was writing, or sent in a reply
+nobody read, is freed by ``reclaim``; one it borrowed is the parent's.
 
 When the arena is full, or a buffer is small, the bytes go in the pickle as usual: slower, never
 stuck.
@@ -47,8 +50,10 @@ __all__ = [
     "arena",
     "arena_size",
     "attach",
+    "borrow",
     "dumps",
     "empty",
+    "keep_used",
     "loads",
     "owner",
     "reclaim",
@@ -257,6 +262,24 @@ def adopt(descs: list[Desc], incref: bool = False) -> list[Block]:
         return []
     a = arena()
     return [a.adopt(d, incref) for d in descs]
+
+
+def borrow(descs: list[Desc]) -> list[Block]:
+    """Blocks for a request's descriptors that hold no reference: the parent keeps the blocks
+    until it has the answer. Call :func:`keep_used` before answering."""
+    if not descs:
+        return []
+    a = arena()
+    return [a.borrow(d) for d in descs]
+
+
+def keep_used(blocks: list[Block]) -> None:
+    """Takes a reference for each borrowed block something still uses once a request was
+    answered (stage code that kept an input array): the parent then lets its own go. A worker
+    that dies holds no reference but those."""
+    for block in blocks:
+        if sys.getrefcount(block) > 3:  # the list, the loop variable, getrefcount's argument
+            block.keep()
 
 
 def loads(data: bytes, blocks: list[Block]) -> Any:

@@ -78,6 +78,24 @@ def _setup(message: tuple[Any, ...]) -> tuple[Any, Any]:
     return fn, _engine._WORKER_APPLY[op]
 
 
+def _answer(fn: Any, apply: Any, batch: Batch, at: Word, never: list[bool]) -> tuple[Any, ...]:
+    """Runs the step over ``batch``: the reply, ``done`` with the results or ``error``."""
+    try:
+        out, n = apply(fn, batch, at, False, never)  # it sets at[0] to each item's index
+    except BaseException as e:
+        return _error_reply(e, at[0])
+    at[0] = len(batch)
+    try:
+        # The values pickled apart: the parent can forward them to a next process stage without
+        # unpickling them. The blocks' references go to the parent.
+        payload, descs = _shm.dumps(out.values)
+    except Exception as e:  # a result that does not pickle: report, don't die
+        e.add_note("pipeflow: a result of this batch could not be pickled")
+        bad = first_unpicklable(out.values)
+        return _error_reply(e, None if bad is None else _input_index(batch, out, bad))
+    return ("done", out.keys, len(out), payload, n, descs)
+
+
 def main(argv: list[str]) -> int:
     inbox, outbox = Ring.open(int(argv[0])), Ring.open(int(argv[1]))
     at = Word.open(int(argv[2]))
@@ -88,21 +106,17 @@ def main(argv: list[str]) -> int:
     never = [False]  # the parent stops a worker by closing its ring, not between items
     fn: Any = None
     apply: Any = None
-    batch: Any = None
-    out: Any = None
     try:
         while True:
-            # Let go of the last batch's items and results before waiting: an idle worker holds
-            # no shared-memory block.
-            message = batch = out = None
             at[0] = -1  # "receiving": a crash now is not any item's
+            blocks: list[Any] = []
+            batch: Batch | None = None
             try:
                 message = recv_message(inbox)
                 if message[0] == "batch":
-                    # The parent holds the request's blocks until we answer: take our own.
-                    blocks = _shm.adopt(message[3], incref=True)
+                    # Views on the parent's blocks, which it keeps until we answer.
+                    blocks = _shm.borrow(message[3])
                     batch = Batch(message[1], _shm.loads(message[2], blocks))
-                    del blocks
             except ChannelClosed:
                 raise
             except Exception as e:  # the request was read whole, but does not unpickle here
@@ -120,23 +134,14 @@ def main(argv: list[str]) -> int:
                     return 1
                 send_message(outbox, ("ready",))
                 continue
-            try:
-                out, n = apply(fn, batch, at, False, never)  # it sets at[0] to each item's index
-            except BaseException as e:
-                send_message(outbox, _error_reply(e, at[0]))
-                continue
-            at[0] = len(batch)
-            try:
-                # The values pickled apart: the parent can forward them to a next process stage
-                # without unpickling them. The blocks' references go to the parent.
-                payload, descs = _shm.dumps(out.values)
-                send_message(outbox, ("done", out.keys, len(out), payload, n, descs))
-            except Exception as e:  # a result that does not pickle: report, don't die
-                e.add_note("pipeflow: a result of this batch could not be pickled")
-                bad = first_unpicklable(out.values)
-                send_message(
-                    outbox, _error_reply(e, None if bad is None else _input_index(batch, out, bad))
-                )
+            assert batch is not None
+            reply = _answer(fn, apply, batch, at, never)
+            # Let go of the items before answering: an input array that stage code kept needs
+            # a reference of its own, as the parent lets go of the request's once answered.
+            message = batch = None
+            _shm.keep_used(blocks)
+            del blocks
+            send_message(outbox, reply)
     except ChannelClosed:
         return 0
     finally:

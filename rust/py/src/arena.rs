@@ -4,6 +4,7 @@
 
 use std::ffi::{c_int, c_void};
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use pyo3::buffer::PyBuffer;
@@ -128,10 +129,17 @@ impl PyArena {
             self.inner.incref(&d);
         }
         self.inner.share(&d);
-        Ok(PyBlock {
-            arena: Arc::clone(&self.inner),
-            desc: d,
-        })
+        Ok(PyBlock::new(&self.inner, d, true))
+    }
+
+    /// A `Block` that borrows the reference a request's descriptor carried: it holds none
+    /// itself (the sender keeps the block until it has the answer), unless `keep()` takes one.
+    fn borrow(&self, desc: DescTuple) -> PyResult<PyBlock> {
+        let d = from_tuple(desc);
+        self.inner
+            .check(&d)
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        Ok(PyBlock::new(&self.inner, d, false))
     }
 
     /// A new block of `nbytes` (zero-filled), or `None` when the arena has no room.
@@ -144,13 +152,14 @@ impl PyArena {
             // SAFETY: a fresh block of at least `nbytes` that only this call knows of.
             unsafe { std::ptr::write_bytes(inner.data_ptr(d.start), 0, nbytes) };
         });
-        Some(PyBlock {
-            arena: Arc::clone(&self.inner),
-            desc: Desc {
+        Some(PyBlock::new(
+            &self.inner,
+            Desc {
                 len: nbytes as u64,
                 ..d
             },
-        })
+            true,
+        ))
     }
 
     /// How many bytes of freed blocks may stay resident for reuse (0: none).
@@ -188,10 +197,36 @@ impl PyArena {
 pub struct PyBlock {
     arena: Arc<Arena>,
     desc: Desc,
+    // Whether this object holds a reference (see `borrow` and `keep`). Relaxed: only ever
+    // changed under the GIL (keep is a method call), read in drop, also under the GIL.
+    owned: AtomicBool,
+}
+
+impl PyBlock {
+    fn new(arena: &Arc<Arena>, desc: Desc, owned: bool) -> Self {
+        PyBlock {
+            arena: Arc::clone(arena),
+            desc,
+            owned: AtomicBool::new(owned),
+        }
+    }
 }
 
 #[pymethods]
 impl PyBlock {
+    /// Takes a reference of its own for a borrowed block (no-op if it holds one already).
+    fn keep(&self) {
+        if !self.owned.swap(true, Ordering::Relaxed) {
+            self.arena.incref(&self.desc);
+        }
+    }
+
+    /// Whether this object holds a reference to its block.
+    #[getter]
+    fn owned(&self) -> bool {
+        self.owned.load(Ordering::Relaxed)
+    }
+
     /// The descriptor `(slot, gen, start, len)`, to name the block in a message.
     #[getter]
     fn desc(&self) -> DescTuple {
@@ -255,6 +290,8 @@ impl PyBlock {
 
 impl Drop for PyBlock {
     fn drop(&mut self) {
-        self.arena.decref(&self.desc);
+        if *self.owned.get_mut() {
+            self.arena.decref(&self.desc);
+        }
     }
 }
