@@ -423,3 +423,56 @@ def test_an_input_array_kept_by_stage_code_stays_valid() -> None:
     assert live() == 4  # the worker's references
     _process.shutdown_idle()  # the worker exits: its references go with it
     assert live() == 0
+
+
+def _shmem_kib() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Shmem:"):
+                return int(line.split()[1])
+    raise AssertionError("no Shmem line in /proc/meminfo")
+
+
+SHMEM_CHILD = """
+    import sys, numpy as np, pipeflow as pf
+    def make(i):
+        return np.full(1 << 20, float(i))  # 8 MiB
+    held = pf.Pipeline().stage(make, workers=2).run(range(16))  # 128 MiB, held
+    print("holding", flush=True)
+    sys.stdin.readline()
+    del held
+    import gc; gc.collect()
+    print("released", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_shared_memory_in_proc_meminfo_goes_back_after_del_and_after_exit() -> None:
+    before = _shmem_kib()
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(SHMEM_CHILD)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert child.stdout.readline().strip() == "holding"
+        holding = _shmem_kib()
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "released"
+        released = _shmem_kib()
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.wait(60) == 0
+    finally:
+        child.kill()
+        child.wait()
+        child.stdin.close()
+        child.stdout.close()
+    after = _shmem_kib()
+    slack = 16 << 10  # KiB: rings, the arena's header pages, other processes' noise
+    assert holding - before >= 120 << 10, (before, holding)  # the results live in the arena
+    assert released - before <= slack, (before, holding, released)
+    assert after - before <= slack, (before, holding, released, after)
