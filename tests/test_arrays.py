@@ -128,9 +128,11 @@ def test_empty_in_a_worker_and_forwarded_through_two_stages() -> None:
 
 
 def test_empty_validates_and_falls_back() -> None:
-    a = pf.empty((2, 3), dtype="int16", order="F")
-    assert a.shape == (2, 3) and a.dtype == np.int16 and a.flags.f_contiguous
-    assert not a.any()
+    a = pf.empty((300, 200), dtype="int16", order="F")
+    assert a.shape == (300, 200) and a.dtype == np.int16 and a.flags.f_contiguous
+    assert in_arena(a) and a.flags.writeable
+    small = pf.empty((2, 3))  # below the threshold: pickled in band anyway
+    assert small.shape == (2, 3) and not in_arena(small)
     assert pf.empty(0).shape == (0,)
     objects = pf.empty(3, dtype=object)  # object arrays cannot live in shared memory
     assert objects.dtype == object and not in_arena(objects)
@@ -476,3 +478,21 @@ def test_shared_memory_in_proc_meminfo_goes_back_after_del_and_after_exit() -> N
     assert holding - before >= 120 << 10, (before, holding)  # the results live in the arena
     assert released - before <= slack, (before, holding, released)
     assert after - before <= slack, (before, holding, released, after)
+
+
+def test_a_forked_child_does_not_free_the_parents_blocks() -> None:
+    (a,) = pf.Pipeline().stage(make).run([7])
+    pid = os.fork()
+    if pid == 0:  # the child's copy of `a` holds no reference: dropping it frees nothing
+        code = 1
+        try:
+            del a
+            gc.collect()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert live() == 1 and float(a[5]) == 7
+    del a
+    assert live() == 0

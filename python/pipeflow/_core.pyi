@@ -200,7 +200,8 @@ class Arena:
         """A :class:`Block` that holds no reference (the sender of the message keeps the block
         alive until it has the answer), unless :meth:`Block.keep` takes one."""
     def empty(self, nbytes: int, owner: int) -> Block | None:
-        """A new zero-filled block of ``nbytes``, or ``None`` when the arena has no room."""
+        """A new block of ``nbytes``, or ``None`` when the arena has no room. Its bytes are
+        arbitrary (a reused block holds what was there), as ``np.empty``'s are."""
     def set_cache_limit(self, nbytes: int) -> None:
         """How many bytes of freed blocks may stay resident so that new blocks reuse their pages
         (a fresh page of shared memory costs a fault and zeroing); 0 returns them at once."""

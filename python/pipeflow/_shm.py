@@ -292,19 +292,19 @@ def loads(data: bytes, blocks: list[Block]) -> Any:
 
 
 def empty(shape: int | tuple[int, ...], dtype: Any = float, order: Literal["C", "F"] = "C") -> Any:
-    """A new numpy array in shared memory (zero-filled, like ``np.zeros``): a stage that fills
-    it and returns it hands it to the next stage, or to the caller, without any copy.
+    """A new numpy array in shared memory, uninitialised like ``np.empty``'s: a stage that
+    fills it and returns it hands it to the next stage, or to the caller, without any copy.
 
     Once returned, the array belongs to the receiver (it gets a writable view of the same
-    memory): the stage must not write to it again. Without room in the arena, or for an object
-    dtype, it is an ordinary array.
+    memory): the stage must not write to it again. Below 64 KiB (such arrays are pickled with
+    the rest), without room in the arena, or for an object dtype, it is an ordinary array.
 
     Example:
         >>> import pipeflow as pf
-        >>> a = pf.empty((2, 3), dtype="int32")
+        >>> a = pf.empty((256, 1024), dtype="int32")
         >>> a[:] = 7
-        >>> a.sum(), a.shape, a.dtype
-        (np.int64(42), (2, 3), dtype('int32'))
+        >>> int(a.sum()), a.shape, a.dtype
+        (1835008, (256, 1024), dtype('int32'))
     """
     import numpy as np
 
@@ -313,9 +313,22 @@ def empty(shape: int | tuple[int, ...], dtype: Any = float, order: Literal["C", 
     if order not in ("C", "F"):
         raise ValueError(f"order must be 'C' or 'F', got {order!r}")
     count = math.prod(shape)
-    if dt.hasobject or count * dt.itemsize == 0:
-        return np.zeros(shape, dt, order=order)
+    if dt.hasobject or count * dt.itemsize < THRESHOLD:  # it would be pickled in band anyway
+        return np.empty(shape, dt, order=order)
     block = arena().empty(count * dt.itemsize, _owner)
     if block is None:
-        return np.zeros(shape, dt, order=order)
+        return np.empty(shape, dt, order=order)
     return np.frombuffer(cast(Any, block), dt, count=count).reshape(shape, order=order)
+
+
+def _forget_after_fork() -> None:
+    """In a forked child: the parent's arena is the parent's (the child's copies of its blocks
+    hold no reference); the child makes its own if it runs process stages."""
+    global _arena, _busy, _lock, _owner
+    _arena = None
+    _busy = 0
+    _owner = 0
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)

@@ -103,14 +103,13 @@ impl PyArena {
         let Some(d) = self.inner.alloc(len, owner) else {
             return Ok(None);
         };
-        let dst = self.inner.data_ptr(d.start) as usize;
         let inner = &self.inner;
         py.detach(|| {
             inner.populate(d.start, len as u64);
             // SAFETY: `src` is the exported buffer of `len` bytes, kept alive (and its export
-            // pinned) by `buf` for this call; `dst` is a fresh block of at least `len` bytes that
-            // only this call knows of; they cannot overlap (the source is outside the block).
-            unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, len) };
+            // pinned) by `buf` for this call; the block is fresh, at least `len` bytes, and only
+            // this call knows of it; they cannot overlap (the source is outside the block).
+            unsafe { inner.write(d.start, src as *const u8, len) };
         });
         drop(buf);
         Ok(Some((d.slot, d.gen, d.start, len as u64)))
@@ -142,16 +141,12 @@ impl PyArena {
         Ok(PyBlock::new(&self.inner, d, false))
     }
 
-    /// A new block of `nbytes` (zero-filled), or `None` when the arena has no room.
+    /// A new block of `nbytes` (its bytes arbitrary, like `np.empty`'s), or `None` when the
+    /// arena has no room.
     fn empty(&self, py: Python<'_>, nbytes: usize, owner: u32) -> Option<PyBlock> {
         let d = self.inner.alloc(nbytes, owner)?;
         let inner = &self.inner;
-        // Reused pages hold an earlier block's bytes: zero them, as a fresh block reads.
-        py.detach(|| {
-            inner.populate(d.start, nbytes as u64);
-            // SAFETY: a fresh block of at least `nbytes` that only this call knows of.
-            unsafe { std::ptr::write_bytes(inner.data_ptr(d.start), 0, nbytes) };
-        });
+        py.detach(|| inner.populate(d.start, nbytes as u64));
         Some(PyBlock::new(
             &self.inner,
             Desc {
@@ -200,6 +195,9 @@ pub struct PyBlock {
     // Whether this object holds a reference (see `borrow` and `keep`). Relaxed: only ever
     // changed under the GIL (keep is a method call), read in drop, also under the GIL.
     owned: AtomicBool,
+    // The process that made this object: a copy of it in a forked child holds no reference (the
+    // parent's object does), so only this process may drop one.
+    pid: u32,
 }
 
 impl PyBlock {
@@ -208,6 +206,7 @@ impl PyBlock {
             arena: Arc::clone(arena),
             desc,
             owned: AtomicBool::new(owned),
+            pid: std::process::id(),
         }
     }
 }
@@ -290,7 +289,7 @@ impl PyBlock {
 
 impl Drop for PyBlock {
     fn drop(&mut self) {
-        if *self.owned.get_mut() {
+        if *self.owned.get_mut() && std::process::id() == self.pid {
             self.arena.decref(&self.desc);
         }
     }
