@@ -374,9 +374,15 @@ CTRL_C_ARRAYS = """
     else:
         sys.exit(3)
     del results, a
-    gc.collect()
-    _process.shutdown_idle()
-    stats = _shm.stats()
+    import time
+    deadline = time.monotonic() + 5  # the run's threads may still be letting go
+    while True:
+        gc.collect()
+        _process.shutdown_idle()
+        stats = _shm.stats()
+        if stats["blocks"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     print("blocks", stats["blocks"], "resident", stats["resident_bytes"], flush=True)
 """
 

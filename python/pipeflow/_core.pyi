@@ -189,10 +189,14 @@ class Arena:
     @property
     def slots(self) -> int:
         """How many blocks may be live at once."""
-    def put(self, buffer: Any, owner: int) -> _Desc | None:
+    def put(
+        self, buffer: Any, owner: int, lent: set[tuple[int, int]] | None = None
+    ) -> _Desc | None:
         """A descriptor for the bytes of a contiguous byte buffer, carrying one reference for a
         message: the block holding them if they live in this arena already, else a new block
-        they are copied into (the GIL released). ``None`` when the arena has no room."""
+        they are copied into (the GIL released). ``None`` when the arena has no room. A block
+        in ``lent`` (``(slot, gen)``: the receiver's own) gets no reference: the receiver adds
+        one when it takes the message."""
     def adopt(self, desc: _Desc, incref: bool = False) -> Block:
         """A :class:`Block` holding the reference ``desc`` carried (or a new one with
         ``incref``); ``ValueError`` if ``desc`` names no live block."""

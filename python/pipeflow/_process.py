@@ -302,8 +302,8 @@ class WorkerProcess:
             slot[0] = at if 0 <= at < len(batch) else None
             raise
         if reply[0] == "done":
-            _, keys, count, payload, n, descs = reply
-            return Batch.encoded(keys, payload, count, _shm.adopt(descs)), n
+            _, keys, count, payload, n, descs, lent = reply
+            return Batch.encoded(keys, payload, count, _shm.adopt(descs, lent)), n
         slot[0] = reply[3]
         self._raise_remote(reply)
         raise AssertionError("unreachable")
@@ -376,8 +376,8 @@ class WorkerProcess:
         with contextlib.suppress(Exception):  # empty, closed, or a reply cut short by a kill
             while True:
                 reply = recv_message(self.from_child, 0, parts)
-                if reply[0] == "done":
-                    _shm.adopt(reply[5])  # adopted and dropped: freed
+                if reply[0] == "done":  # adopted and dropped: freed (lent ones carry nothing)
+                    _shm.adopt([d for i, d in enumerate(reply[5]) if i not in reply[6]])
 
     def interrupt(self) -> None:
         """Wakes a thread waiting in :meth:`receive` at once (it then sees that the run stopped).

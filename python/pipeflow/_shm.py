@@ -221,9 +221,11 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         return super().reducer_override(obj)
 
 
-def dumps(obj: Any) -> tuple[bytes, list[Desc]]:
+def dumps(obj: Any, lent: set[tuple[int, int]] | None = None) -> tuple[bytes, list[Desc]]:
     """``obj`` pickled (protocol 5, cloudpickle), its large buffers in arena blocks: the pickle
-    and the blocks' descriptors, each carrying one reference for the message."""
+    and the blocks' descriptors, each carrying one reference for the message, but for blocks in
+    ``lent`` (``(slot, gen)``: the receiver's own, which it holds until it takes the message;
+    it adds the reference then, see :func:`adopt`)."""
     a = _arena
     if a is None:
         return cloudpickle.dumps(obj, protocol=5), []
@@ -234,7 +236,7 @@ def dumps(obj: Any) -> tuple[bytes, list[Desc]]:
         raw = buffer.raw()
         if raw.nbytes < THRESHOLD:
             return True  # in band
-        desc = a.put(raw, tag)
+        desc = a.put(raw, tag, lent)
         if desc is None:
             return True  # the arena is full: in band
         descs.append(desc)
@@ -250,18 +252,29 @@ def dumps(obj: Any) -> tuple[bytes, list[Desc]]:
                 descs.append(desc)
                 return b"", descs  # an empty pickle: it is in the last block
     except BaseException:
-        adopt(descs)  # dropped at once: the references go
+        adopt(descs, lent_of(descs, lent))  # dropped at once: the references go
         raise
     return data, descs
 
 
-def adopt(descs: list[Desc], incref: bool = False) -> list[Block]:
-    """Blocks holding the references of a message's descriptors (``incref``: new references,
-    the message keeps its own). A descriptor that names no live block raises ``ValueError``."""
+def lent_of(descs: list[Desc], lent: set[tuple[int, int]] | None) -> list[int]:
+    """The indices in ``descs`` of the blocks in ``lent`` (which carry no reference)."""
+    if not lent:
+        return []
+    return [i for i, d in enumerate(descs) if (d[0], d[1]) in lent]
+
+
+def adopt(descs: list[Desc], lent: list[int] | None = None) -> list[Block]:
+    """Blocks holding the references of a message's descriptors; those at the indices ``lent``
+    carried none (they were this process's own: see :func:`dumps`), so new ones are taken. A
+    descriptor that names no live block raises ``ValueError``."""
     if not descs:
         return []
     a = arena()
-    return [a.adopt(d, incref) for d in descs]
+    if not lent:
+        return [a.adopt(d) for d in descs]
+    taken = set(lent)
+    return [a.adopt(d, i in taken) for i, d in enumerate(descs)]
 
 
 def borrow(descs: list[Desc]) -> list[Block]:

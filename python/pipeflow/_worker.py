@@ -78,8 +78,11 @@ def _setup(message: tuple[Any, ...]) -> tuple[Any, Any]:
     return fn, _engine._WORKER_APPLY[op]
 
 
-def _answer(fn: Any, apply: Any, batch: Batch, at: Word, never: list[bool]) -> tuple[Any, ...]:
-    """Runs the step over ``batch``: the reply, ``done`` with the results or ``error``."""
+def _answer(
+    fn: Any, apply: Any, batch: Batch, at: Word, never: list[bool], lent: set[tuple[int, int]]
+) -> tuple[Any, ...]:
+    """Runs the step over ``batch``: the reply, ``done`` with the results or ``error``.
+    ``lent``: the request's blocks (the parent's), which a result may hand back unchanged."""
     try:
         out, n = apply(fn, batch, at, False, never)  # it sets at[0] to each item's index
     except BaseException as e:
@@ -87,13 +90,15 @@ def _answer(fn: Any, apply: Any, batch: Batch, at: Word, never: list[bool]) -> t
     at[0] = len(batch)
     try:
         # The values pickled apart: the parent can forward them to a next process stage without
-        # unpickling them. The blocks' references go to the parent.
-        payload, descs = _shm.dumps(out.values)
+        # unpickling them. The blocks' references go to the parent; a result that is (a view
+        # of) an input carries none: the parent adds one, as it holds the input until then. A
+        # worker killed before its answer is read so holds no reference.
+        payload, descs = _shm.dumps(out.values, lent)
     except Exception as e:  # a result that does not pickle: report, don't die
         e.add_note("pipeflow: a result of this batch could not be pickled")
         bad = first_unpicklable(out.values)
         return _error_reply(e, None if bad is None else _input_index(batch, out, bad))
-    return ("done", out.keys, len(out), payload, n, descs)
+    return ("done", out.keys, len(out), payload, n, descs, _shm.lent_of(descs, lent))
 
 
 def main(argv: list[str]) -> int:
@@ -135,7 +140,7 @@ def main(argv: list[str]) -> int:
                 send_message(outbox, ("ready",))
                 continue
             assert batch is not None
-            reply = _answer(fn, apply, batch, at, never)
+            reply = _answer(fn, apply, batch, at, never, {b.desc[:2] for b in blocks})
             # Let go of the items before answering: an input array that stage code kept needs
             # a reference of its own, as the parent lets go of the request's once answered.
             message = batch = None

@@ -2,6 +2,7 @@
 //! reference to a block of it, which exports the block's bytes through the buffer protocol (so
 //! that numpy arrays can be views on it, keeping it alive through their base).
 
+use std::collections::HashSet;
 use std::ffi::{c_int, c_void};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -84,11 +85,15 @@ impl PyArena {
     /// A descriptor for the bytes of `buffer` (a contiguous byte buffer: `PickleBuffer.raw()`),
     /// carrying one reference for a message: the block that holds them when they already live in
     /// this arena, else a new block they are copied into. `None` when the arena has no room.
+    /// A block in `lent` (`(slot, gen)` pairs: blocks the receiver of the message holds itself)
+    /// gets no reference: the receiver adds one when it takes the message.
+    #[pyo3(signature = (buffer, owner, lent = None))]
     fn put(
         &self,
         py: Python<'_>,
         buffer: &Bound<'_, PyAny>,
         owner: u32,
+        lent: Option<HashSet<(u32, u32)>>,
     ) -> PyResult<Option<DescTuple>> {
         let buf = PyBuffer::<u8>::get(buffer)?;
         if !buf.is_c_contiguous() {
@@ -97,7 +102,11 @@ impl PyArena {
             ));
         }
         let (src, len) = (buf.buf_ptr() as usize, buf.len_bytes());
-        if let Some(d) = self.inner.locate(src as *const u8, len) {
+        if let Some(d) = self.inner.find(src as *const u8, len) {
+            let lent = lent.is_some_and(|l| l.contains(&(d.slot, d.gen)));
+            if !lent {
+                self.inner.incref(&d);
+            }
             return Ok(Some(to_tuple(&d)));
         }
         let Some(d) = self.inner.alloc(len, owner) else {

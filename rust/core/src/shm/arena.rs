@@ -604,6 +604,14 @@ impl Arena {
     /// Finds the live block that holds `[ptr, ptr + len)` (a buffer the caller keeps alive)
     /// and adds a reference to it for a message: a descriptor of that range.
     pub fn locate(&self, ptr: *const u8, len: usize) -> Option<Desc> {
+        let desc = self.find(ptr, len)?;
+        self.incref(&desc);
+        Some(desc)
+    }
+
+    /// Finds the live block that holds `[ptr, ptr + len)` (a buffer the caller keeps alive):
+    /// a descriptor of that range, adding no reference.
+    pub fn find(&self, ptr: *const u8, len: usize) -> Option<Desc> {
         let start = self.offset_of(ptr, len)?;
         (0..self.nslots).find_map(|i| {
             let slot = self.slot(i);
@@ -617,14 +625,12 @@ impl Arena {
             if start < off || start + len as u64 > off + size {
                 return None;
             }
-            let desc = Desc {
+            Some(Desc {
                 slot: i as u32,
                 gen: slot.gen.load(Ordering::Relaxed),
                 start,
                 len: len as u64,
-            };
-            self.incref(&desc);
-            Some(desc)
+            })
         })
     }
 
