@@ -502,3 +502,16 @@ def test_a_forked_child_does_not_free_the_parents_blocks() -> None:
     assert live() == 1 and float(a[5]) == 7
     del a
     assert live() == 0
+
+
+def pad(b: bytes) -> bytes:
+    return b[:10] + b"!" * 300_000
+
+
+def test_large_pickles_go_through_the_arena_as_inputs_results_and_between_stages() -> None:
+    # bytes never reach a pickler's hook: a pickle of 256 KiB or more goes into a block whole.
+    inputs = [bytes([i]) * 300_000 for i in range(6)]
+    assert pf.Pipeline().stage(len, workers=2).run(inputs) == [300_000] * 6
+    out = pf.Pipeline().stage(pad, workers=2).stage(bytes.upper).run(inputs)
+    assert out == [bytes([i]) * 10 + b"!" * 300_000 for i in range(6)]
+    assert all(type(b) is bytes for b in out)
