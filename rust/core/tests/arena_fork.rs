@@ -4,31 +4,15 @@
 //! corrupt the other writers' blocks, or leak what the parent reclaims.
 #![cfg(all(target_os = "linux", not(loom)))]
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use pipeflow_core::shm::{Arena, Desc, PopError, Region, Ring, PAGE, RING_HEADER};
 
+use common::{fork_child, wait_status};
+
 const BLOCKS: u32 = 3000;
-
-fn fork_child(child: impl FnOnce() -> i32) -> libc::pid_t {
-    // SAFETY: the child only uses shared memory (the arena's robust mutex, the ring's futex)
-    // and leaves with _exit, skipping destructors.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork failed");
-    if pid == 0 {
-        let code = child();
-        // SAFETY: _exit ends the child at once.
-        unsafe { libc::_exit(code) };
-    }
-    pid
-}
-
-fn wait_status(pid: libc::pid_t) -> i32 {
-    let mut status = 0;
-    // SAFETY: waits for our own child; `status` outlives the call.
-    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-    status
-}
 
 fn encode(d: &Desc, byte: u8) -> Vec<u8> {
     let mut v = Vec::with_capacity(25);

@@ -2,9 +2,13 @@
 //! producer killed mid-stream (SIGKILL) that must not wedge or corrupt the ring.
 #![cfg(all(target_os = "linux", not(loom)))]
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use pipeflow_core::shm::{PopError, Region, Ring, RING_HEADER};
+
+use common::{fork_child, wait_status};
 
 /// Messages sent by the forked producer.
 const MESSAGES: u32 = 200_000;
@@ -15,28 +19,6 @@ fn payload(i: u32) -> Vec<u8> {
     v.extend_from_slice(&i.to_le_bytes());
     v.extend((4..len).map(|k| (i as usize).wrapping_mul(31).wrapping_add(k) as u8));
     v
-}
-
-/// Forks; the child runs `child` and exits with its return value (0 ok). Returns the pid.
-fn fork_child(child: impl FnOnce() -> i32) -> libc::pid_t {
-    // SAFETY: the child only runs `child` (no locks taken that another thread could hold: it
-    // pushes into shared memory and calls futex) and leaves with _exit, skipping destructors.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork failed");
-    if pid == 0 {
-        let code = child();
-        // SAFETY: _exit ends the child at once; nothing of the parent's state is touched.
-        unsafe { libc::_exit(code) };
-    }
-    pid
-}
-
-fn wait_status(pid: libc::pid_t) -> i32 {
-    let mut status = 0;
-    // SAFETY: waits for our own child; `status` outlives the call.
-    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-    assert_eq!(r, pid);
-    status
 }
 
 #[test]

@@ -601,14 +601,6 @@ impl Arena {
         // unfreed: refs is 0, so a later rebuild frees it.
     }
 
-    /// Finds the live block that holds `[ptr, ptr + len)` (a buffer the caller keeps alive)
-    /// and adds a reference to it for a message: a descriptor of that range.
-    pub fn locate(&self, ptr: *const u8, len: usize) -> Option<Desc> {
-        let desc = self.find(ptr, len)?;
-        self.incref(&desc);
-        Some(desc)
-    }
-
     /// Finds the live block that holds `[ptr, ptr + len)` (a buffer the caller keeps alive):
     /// a descriptor of that range, adding no reference.
     pub fn find(&self, ptr: *const u8, len: usize) -> Option<Desc> {
@@ -873,12 +865,13 @@ mod tests {
     }
 
     #[test]
-    fn locate_finds_the_block_of_an_address() {
+    fn find_names_the_block_of_an_address() {
         let arena = Arena::create(8 * PAGE, 4).unwrap();
         let _a = arena.alloc(PAGE, 1).unwrap();
         let b = arena.alloc(2 * PAGE, 1).unwrap();
         let p = arena.data_ptr(b.start + 100);
-        let d = arena.locate(p, 50).unwrap();
+        let d = arena.find(p, 50).unwrap();
+        arena.incref(&d);
         assert_eq!(
             (d.slot, d.gen, d.start, d.len),
             (b.slot, b.gen, b.start + 100, 50)
@@ -886,7 +879,7 @@ mod tests {
         arena.decref(&d);
         assert!(arena.check(&b).is_ok());
         let outside = [0u8; 4];
-        assert!(arena.locate(outside.as_ptr(), 4).is_none());
+        assert!(arena.find(outside.as_ptr(), 4).is_none());
     }
 
     #[test]
