@@ -4,17 +4,19 @@
 
 use std::collections::HashSet;
 use std::ffi::{c_int, c_void};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use pyo3::buffer::PyBuffer;
-use pyo3::exceptions::{PyBufferError, PyOSError, PyValueError};
+use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use pipeflow_core::shm::{Arena, Desc};
+
+use crate::errors::{dup_fd, os_error};
 
 type DescTuple = (u32, u32, u64, u64);
 
@@ -29,10 +31,6 @@ fn from_tuple(t: DescTuple) -> Desc {
         start: t.2,
         len: t.3,
     }
-}
-
-fn os_error(e: std::io::Error) -> PyErr {
-    PyOSError::new_err(e.to_string())
 }
 
 /// A shared-memory arena of blocks (see `_core.pyi`).
@@ -59,11 +57,8 @@ impl PyArena {
     /// Maps an arena another process created, from its memfd (the descriptor is duplicated).
     #[staticmethod]
     fn open(fd: i32) -> PyResult<Self> {
-        // SAFETY: `fd` is only borrowed for the duplication below; the caller keeps ownership.
-        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-        let owned = borrowed.try_clone_to_owned().map_err(os_error)?;
         Ok(PyArena {
-            inner: Arc::new(Arena::open(owned).map_err(os_error)?),
+            inner: Arc::new(Arena::open(dup_fd(fd)?).map_err(os_error)?),
         })
     }
 

@@ -1,7 +1,7 @@
 //! `pipeflow._core.Ring`: the shared-memory frame ring, one direction of one lane between two
 //! processes. The engine's process stages are built on it; it is exposed for them and for tests.
 
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::AsRawFd;
 use std::time::Instant;
 
 use pyo3::exceptions::{PyOSError, PyValueError};
@@ -11,7 +11,7 @@ use pyo3::types::PyBytes;
 use pipeflow_core::shm::{PopError, PushError, Region, Ring, RING_HEADER};
 
 use crate::blocking::{deadline, wait, Slice};
-use crate::errors::{channel_closed, timed_out};
+use crate::errors::{channel_closed, dup_fd, os_error, timed_out};
 
 /// A single-producer single-consumer ring of byte frames in a memfd (see `_core.pyi`).
 #[pyclass(frozen, name = "Ring", module = "pipeflow._core")]
@@ -38,10 +38,7 @@ impl PyRing {
     /// Maps a ring another process created, from its memfd (the descriptor is duplicated).
     #[staticmethod]
     fn open(fd: i32) -> PyResult<Self> {
-        // SAFETY: `fd` is only borrowed for the duplication below; the caller keeps ownership.
-        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-        let owned = borrowed.try_clone_to_owned().map_err(os_error)?;
-        let region = Region::from_fd(owned).map_err(os_error)?;
+        let region = Region::from_fd(dup_fd(fd)?).map_err(os_error)?;
         Ok(PyRing {
             inner: Ring::open(region).map_err(os_error)?,
         })
@@ -124,8 +121,4 @@ impl PyRing {
     fn __repr__(&self) -> String {
         format!("Ring(fd={}, max_frame={})", self.fd(), self.max_frame())
     }
-}
-
-fn os_error(e: std::io::Error) -> PyErr {
-    PyOSError::new_err(e.to_string())
 }

@@ -1,13 +1,15 @@
 //! `pipeflow._core.Word`: a shared word in which a worker process keeps the index of the item
 //! it runs, so that the parent can name the item if the worker dies.
 
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::AsRawFd;
 
-use pyo3::exceptions::{PyIndexError, PyOSError};
+use pyo3::exceptions::PyIndexError;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
 use pipeflow_core::shm::SharedWord;
+
+use crate::errors::{dup_fd, os_error};
 
 /// One shared `i64` (see `_core.pyi`). It reads and writes as a one-item sequence (`w[0]`), so
 /// the engine's per-item loops can use it as the slot where they note the item in hand.
@@ -29,20 +31,15 @@ impl PyWord {
     #[new]
     fn new() -> PyResult<Self> {
         Ok(PyWord {
-            inner: SharedWord::create().map_err(|e| PyOSError::new_err(e.to_string()))?,
+            inner: SharedWord::create().map_err(os_error)?,
         })
     }
 
     /// Maps a word another process created, from its memfd (the descriptor is duplicated).
     #[staticmethod]
     fn open(fd: i32) -> PyResult<Self> {
-        // SAFETY: `fd` is only borrowed for the duplication below; the caller keeps ownership.
-        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-        let owned = borrowed
-            .try_clone_to_owned()
-            .map_err(|e| PyOSError::new_err(e.to_string()))?;
         Ok(PyWord {
-            inner: SharedWord::from_fd(owned).map_err(|e| PyOSError::new_err(e.to_string()))?,
+            inner: SharedWord::from_fd(dup_fd(fd)?).map_err(os_error)?,
         })
     }
 
