@@ -11,10 +11,12 @@ import pytest
 from pipeflow._core import Word
 
 
-def test_map_stores_each_index_and_keeps_the_failing_one() -> None:
+def test_track_stores_each_index_and_keeps_the_failing_one() -> None:
     w = Word()
-    assert w.map(lambda x: x * 2, [1, 2, 3]) == [2, 4, 6]
-    assert w[0] == 2
+    seen = []
+    for x in w.track([10, 20, 30]):
+        seen.append((x, w[0]))
+    assert seen == [(10, 0), (20, 1), (30, 2)]
 
     def fail_on_4(x: int) -> int:
         if x == 4:
@@ -22,9 +24,23 @@ def test_map_stores_each_index_and_keeps_the_failing_one() -> None:
         return x
 
     with pytest.raises(KeyError):
-        w.map(fail_on_4, [0, 1, 2, 3, 4, 5])
+        [fail_on_4(v) for v in w.track([0, 1, 2, 3, 4, 5])]
     assert w[0] == 4
-    assert w.map(abs, []) == []
+    w[0] = -1
+    assert list(w.track([])) == [] and w[0] == -1
+
+
+def test_track_follows_a_list_that_changes() -> None:
+    w = Word()
+    values = [1, 2, 3]
+    out = []
+    for v in w.track(values):
+        out.append(v)
+        if v == 1:
+            values.append(4)  # seen: it reads by index up to the list's end
+        if v == 2:
+            del values[2:]  # 3 and 4 gone: it stops
+    assert out == [1, 2] and w[0] == 1
 
 
 def test_a_word_is_one_item() -> None:

@@ -3,7 +3,7 @@
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, final
 
-__all__ = ["Arena", "Block", "Channel", "Pool", "Ring", "Word", "select"]
+__all__ = ["Arena", "Block", "Channel", "Pool", "Ring", "Tracked", "Word", "select"]
 
 @final
 class Channel:
@@ -132,7 +132,7 @@ class Word:
     Example:
         >>> from pipeflow._core import Word
         >>> w = Word()
-        >>> w.map(abs, [-1, -2, -3])
+        >>> [abs(v) for v in w.track([-1, -2, -3])]
         [1, 2, 3]
         >>> w[0]  # the index of the last item run
         2
@@ -148,9 +148,17 @@ class Word:
     def __len__(self) -> int: ...
     def __getitem__(self, index: int, /) -> int: ...
     def __setitem__(self, index: int, value: int, /) -> None: ...
-    def map(self, func: Callable[[Any], Any], values: list[Any]) -> list[Any]:
-        """``[func(v) for v in values]``, storing each item's index first; when ``func``
-        raises, the word holds the index of the item that raised."""
+    def track(self, values: list[Any]) -> Tracked:
+        """An iterator over ``values`` that stores each item's index in the word as it yields
+        it: after ``[f(v) for v in w.track(values)]`` raised, ``w[0]`` is the index of the item
+        that raised. By index: it stops at the list's end, even if the list changes meanwhile."""
+
+@final
+class Tracked:
+    """The iterator :meth:`Word.track` returns."""
+
+    def __iter__(self) -> Tracked: ...
+    def __next__(self) -> Any: ...
 
 _Desc = tuple[int, int, int, int]
 """A block (or a byte range inside one) as named in a message: ``(slot, gen, start, len)``."""

@@ -723,9 +723,10 @@ def _apply_map_word(
     fn: Callable[[Any], Any], batch: Batch, slot: Any, timed: bool, stop: list[bool]
 ) -> tuple[Batch, int]:
     """``_apply_map`` in a worker process, for a batch with no SKIP value: ``slot`` is the
-    worker's shared :class:`~pipeflow._core.Word`, whose ``map`` loops in Rust and stores each
-    item's index on the way (a stop kills the process instead)."""
-    return Batch(batch.keys, slot.map(fn, batch.values)), len(batch.values)
+    worker's shared :class:`~pipeflow._core.Word`, whose ``track`` stores each item's index as
+    the comprehension takes it (a stop kills the process instead)."""
+    values = batch.values
+    return Batch(batch.keys, [fn(value) for value in slot.track(values)]), len(values)
 
 
 _APPLY = {"map": _apply_map, "filter": _apply_filter, "flat_map": _apply_flat_map}

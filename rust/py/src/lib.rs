@@ -20,6 +20,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pool::PyPool>()?;
     m.add_class::<ring::PyRing>()?;
     m.add_class::<word::PyWord>()?;
+    m.add_class::<word::PyTracked>()?;
     m.add_class::<arena::PyArena>()?;
     m.add_class::<arena::PyBlock>()?;
     Ok(())
