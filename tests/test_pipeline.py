@@ -274,3 +274,41 @@ def test_iter_gives_results_that_close(kind: str) -> None:
     results.close()  # stops the endless run; the leak check after the test sees nothing left
     with pytest.raises(StopIteration):
         next(results)
+
+
+@pytest.mark.parametrize("kind_", ["thread", "process"])
+def test_batches_shrink_near_the_end_of_a_known_length(kind_: str) -> None:
+    # Guided scheduling: a batch takes at most a 2 * workers-th of what is left, down to
+    # TAIL_SECONDS of work, so that the workers finish together.
+    (step,) = pf.Pipeline(kind=kind_).stage(inc, workers=2)._steps
+    st = _engine._StepState(step, 0, 0)
+    st.measure(0.1, 100, 0)  # 1 ms an item
+    full = round(_engine.CHUNK_SECONDS[kind_] / 0.001)
+    tail = round(_engine.TAIL_SECONDS / 0.001)
+    assert st.chunk() == st.chunk(10 * full) == full
+    assert st.chunk(2 * full) == -(-2 * full // 4)
+    assert st.chunk(1) == tail  # never below the tail size (the feeder takes what is left)
+    assert [st.chunk(n) for n in range(1, 4 * full)] == sorted(
+        st.chunk(n) for n in range(1, 4 * full)
+    )
+
+
+def test_the_feeder_tells_the_first_step_how_many_items_are_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[int | None] = []
+    chunk = _engine._StepState.chunk
+
+    def spy(self: _engine._StepState, remaining: int | None = None) -> int:
+        asked.append(remaining)
+        return chunk(self, remaining)
+
+    monkeypatch.setattr(_engine._StepState, "chunk", spy)
+    p = pf.Pipeline(kind="thread").stage(inc)
+    assert p.run(list(range(500))) == list(range(1, 501))
+    lefts = [n for n in asked if n is not None]
+    assert lefts[0] == 500 and all(n > 0 for n in lefts)
+    assert lefts == sorted(lefts, reverse=True)
+    asked.clear()
+    assert p.run(iter(range(500))) == list(range(1, 501))  # no length: no tail to plan
+    assert asked and all(n is None for n in asked)

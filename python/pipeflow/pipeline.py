@@ -299,8 +299,8 @@ class Pipeline:
             raise TypeError(
                 f"items must be iterable, got {type(items).__name__}: {items!r}"
             ) from None
-        total = None
-        if progress and hasattr(items, "__len__"):
+        total = None  # the progress bar's total; batches shrink near the end of a known length
+        if hasattr(items, "__len__"):
             try:
                 total = len(items)  # type: ignore[arg-type]
             except (OverflowError, TypeError):
