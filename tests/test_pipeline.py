@@ -276,6 +276,16 @@ def test_iter_gives_results_that_close(kind: str) -> None:
         next(results)
 
 
+def test_a_closed_results_gives_nothing_more(kind: str) -> None:
+    # Results are released a list at a time: close() also drops the rest of the list the
+    # caller was in the middle of (thousands of items here, once the batches have grown).
+    results = pf.Pipeline(kind=kind).stage(abs).iter(range(100_000))  # type: ignore[arg-type]
+    assert [next(results) for _ in range(5000)] == list(range(5000))
+    results.close()
+    with pytest.raises(StopIteration):
+        next(results)
+
+
 @pytest.mark.parametrize("kind_", ["thread", "process"])
 def test_batches_shrink_near_the_end_of_a_known_length(kind_: str) -> None:
     # Guided scheduling: a batch takes at most a 2 * workers-th of what is left, down to

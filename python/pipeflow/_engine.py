@@ -96,6 +96,7 @@ class _StepState:
         self._seconds = 0.0  # decayed sums of measured batches (see measure)
         self._items = 0.0
         self._bytes = 0.0
+        self.largest = 0  # the most items in a batch measured
         self.workers_left = step.workers
         # Per worker: [index in its batch of the item in hand or None, when it started, batch].
         self.slots: list[list[Any]] = [[None, 0.0, None] for _ in range(step.workers)]
@@ -135,6 +136,7 @@ class _StepState:
         a large batch weighs more than a small one (whose time is mostly per-batch overhead):
         the batch size ramps from 1 to its best in a few batches, and a slowdown shows at once."""
         if items:
+            self.largest = max(self.largest, items)
             self._seconds = 0.5 * self._seconds + seconds
             self._items = 0.5 * self._items + items
             self._bytes = 0.5 * self._bytes + nbytes
@@ -188,6 +190,11 @@ class Run:
         self._ids = itertools.count()
         self._feeder_id = -1
         self._in_source = False  # the feeder is inside the input's next()
+        # The batch the feeder is filling, shared with _flush_stalled (see _feed).
+        self._feed_lock = threading.Lock()
+        self._feed_start = 0
+        self._filling: list[Any] | None = None
+        self._filling_since = 0.0
         self._runners: list[_ProcessRunner] = []  # to wake at a stop
 
     # ----------------------------------------------------------------- set-up and tear-down
@@ -197,11 +204,24 @@ class Run:
 
     def _window_limit_of(self, segment: int) -> Callable[[], int]:
         """The in-flight bound of a segment: a few batches per worker and queue slot, with
-        batches as large as the segment's first step takes now."""
+        batches as large as the segment's first step takes now. While that step asks for
+        batches more than twice as large as any it has timed, one batch per worker: the first
+        are single items (nothing is known yet), whose time (mostly the per-batch cost) sizes
+        the next ones, larger, whose time is a better guide; so the size ramps up in a few
+        batches instead of many being sent at a size soon out of date."""
         steps = self._segment_steps(segment)
         slots = max(1, sum(s.step.workers + s.step.capacity for s in steps))
         first = steps[0] if steps else None
-        return lambda: WINDOW_BATCHES * slots * (first.chunk() if first else MAX_CHUNK)
+        if first is None:
+            return lambda: WINDOW_BATCHES * slots * MAX_CHUNK
+
+        def limit() -> int:
+            size = first.chunk()
+            if 2 * first.largest < size:
+                return first.step.workers * size
+            return WINDOW_BATCHES * slots * size
+
+        return limit
 
     def _segment_may_skip(self, segment: int) -> bool:
         """Whether values reaching the reorder point ending ``segment`` can be SKIP."""
@@ -350,16 +370,22 @@ class Run:
         ``SOURCE_PIECE``, and a batch is sent as soon as it is as large as step 0 wants or its
         first item has waited ``SOURCE_HOLD``. ``cap`` bounds a piece by how many items the input
         yields within ``SOURCE_HOLD``, so a slow input is sent item by item. An input that stalls
-        right after a fast burst holds back the batch being filled (at most ``MAX_CHUNK``
-        items) until it yields again: this task cannot send from inside ``next()``. While it is
-        inside the input's ``next()`` (which may block for good: an event source), a stopped run
-        does not wait for it; it exits as soon as ``next()`` returns. When the input's length is
-        known (``total``), the batches shrink near its end: see :meth:`_StepState.chunk`.
+        right after a fast burst (an event queue) leaves this task inside ``next()`` with part of
+        a batch read: the caller's supervision sends that part (:meth:`_flush_stalled`), so no
+        item waits for the input's next one. While this task is inside ``next()`` (which may
+        block for good), a stopped run does not wait for it; it exits as soon as ``next()``
+        returns. When the input's length is known (``total``), the batches shrink near its end:
+        see :meth:`_StepState.chunk`.
+
+        What the supervision may change meanwhile is under ``_feed_lock``: it takes the items
+        read so far from the front of ``values`` and advances ``_feed_start`` (the key of
+        ``values[0]``) by as many, so ``_feed_start + len(values)`` (the items read) holds.
         """
         window = self.windows[0]
         first = self.states[0] if self.states else None
         source = self.source
         total = self.total
+        lock = self._feed_lock
         cap = 1
         pulled = 0  # items read so far: the key of the next one
         exhausted = False
@@ -367,20 +393,24 @@ class Run:
             while not (exhausted or self._stopped):
                 left = None if total is None or pulled >= total else total - pulled
                 want = first.chunk(left) if first else MAX_CHUNK
-                start = pulled
                 values: list[Any] = []
                 t0 = perf_counter()
+                with lock:
+                    self._feed_start = pulled
+                    self._filling, self._filling_since = values, t0
                 while len(values) < want and not self._stopped:
                     piece = min(want - len(values), cap, SOURCE_PIECE)
-                    before = len(values)
-                    self._in_source = True
+                    with lock:
+                        self._in_source = True
                     try:
                         values.extend(itertools.islice(source, piece))
                     finally:  # what extend appended stays, also when next() raised mid-way
-                        self._in_source = False
-                        pulled = start + len(values)
+                        with lock:
+                            self._in_source = False
+                            got = self._feed_start + len(values) - pulled
+                            pulled += got
                     elapsed = perf_counter() - t0
-                    if len(values) - before < piece:
+                    if got < piece:
                         exhausted = True
                         break
                     fast = elapsed < SOURCE_HOLD / 2
@@ -388,15 +418,40 @@ class Run:
                     if elapsed >= SOURCE_HOLD:
                         break
                 if not values:
-                    break
-                batch = Batch(start, values)
+                    if exhausted:
+                        break
+                    continue  # the supervision sent them all
+                batch = Batch(self._feed_start, values)
                 if not window.acquire(len(values)) or not self._send_chunks(0, batch):
                     return
         except BaseException as e:
             if not self._stopped:
                 self._fail(e, f"the input iterable (at item {pulled})")
         finally:
+            with lock:
+                self._filling = None
             self.channels[0].close()
+
+    def _flush_stalled(self) -> None:
+        """Sends the items the feeder has read of a batch while it waits inside the input's
+        ``next()`` for the rest, once the first of them has waited ``SOURCE_HOLD``: an input
+        that yields a burst and then blocks (an event queue) does not hold back the burst. It
+        never blocks the caller: if step 0's queue is full, the next supervision tries again."""
+        with self._feed_lock:
+            values = self._filling
+            if not self._in_source or not values:
+                return
+            if perf_counter() - self._filling_since < SOURCE_HOLD:
+                return
+            n = len(values)  # the feeder may append meanwhile (at the end): take these only
+            try:
+                sent = self.channels[0].try_send(Batch(self._feed_start, values[:n]))
+            except ChannelClosed:
+                return  # the run stopped
+            if sent:
+                del values[:n]
+                self._feed_start += n
+                self.windows[0].force(n)
 
     def _work(self, st: _StepState, worker: int) -> None:
         """One worker of a map, filter or flat_map step: a thread, or the proxy of a process."""
@@ -448,7 +503,6 @@ class Run:
         pending: deque[_Pending] = deque()
         held: _Pending | None = None  # read, not yet sent
         closed = False
-        last = perf_counter()  # when the worker last finished a batch
         while not self._stopped:
             depth = PROCESS_DEPTH if queue and st.quick() else 1
             if held is None and not closed and len(pending) < depth:
@@ -464,7 +518,6 @@ class Run:
                     held = _Pending(batch, *runner.encode(batch, slot))
             if held is not None and (not pending or len(held.request) <= QUEUE_BYTES):
                 runner.send(held.request)
-                held.sent = perf_counter()
                 pending.append(held)
                 held = None
                 continue
@@ -472,11 +525,9 @@ class Run:
                 return  # the input is closed and drained, and nothing is in flight
             first = pending[0]
             slot[2] = first.batch
-            out, n = runner.receive(pending, slot)
+            out, n, busy = runner.receive(pending, slot)
             pending.popleft()
-            now = perf_counter()
-            st.measure(now - max(first.sent, last), n, max(first.nbytes, out.nbytes))
-            last = now
+            st.measure(busy, n, max(first.nbytes, out.nbytes))
             slot[0] = None
             if not self._send_chunks(st.index + 1, out):
                 return
@@ -548,6 +599,7 @@ class Run:
         bar = _progress_bar(self.total) if self.progress else None
         finished = False
         interrupted = False
+        released: list[Any] = []
         try:
             self._start()
             next_check = perf_counter() + SUPERVISE_EVERY
@@ -565,7 +617,7 @@ class Run:
                     continue
                 if self._stopped:
                     break
-                released: list[Any] = []
+                released = []
                 reorder.push_batch(batch, released)
                 window.completed_to(reorder.completed)
                 if bar is not None:
@@ -577,6 +629,10 @@ class Run:
             interrupted = True
             raise
         finally:
+            if not finished:
+                # Closed (or failed) while the caller was inside the list yielded last: what it
+                # had not taken of it is dropped, so a closed Results gives nothing more.
+                released.clear()
             if not finished or self._error is not None:
                 self.ctx.cancel("the caller stopped consuming results")
             # Ctrl-C and a passed deadline must not wait for items in hand: threads cannot be
@@ -591,9 +647,11 @@ class Run:
         self.ctx.cancel("the run finished")
 
     def _supervise(self) -> None:
-        """Checks the run's deadline and each in-hand item's timeout."""
+        """Checks the run's deadline and each in-hand item's timeout; sends what a stalled input
+        left in the feeder's hands."""
         if self.ctx.cancelled:  # also fires a passed deadline
             return
+        self._flush_stalled()
         now = perf_counter()
         for st in self.states:
             limit = st.step.timeout
@@ -802,15 +860,14 @@ class _ThreadRunner:
 
 class _Pending:
     """A batch on its way to a worker process: its encoded request, the shared-memory blocks of
-    the request's large buffers (held until the worker answered), and when it was sent."""
+    the request's large buffers (held until the worker answered)."""
 
-    __slots__ = ("batch", "keep", "request", "sent")
+    __slots__ = ("batch", "keep", "request")
 
     def __init__(self, batch: Batch, request: bytes, keep: list[Any]) -> None:
         self.batch = batch
         self.request = request
         self.keep = keep
-        self.sent = 0.0
 
     @property
     def nbytes(self) -> int:
@@ -874,8 +931,9 @@ class _ProcessRunner:
         self.busy += 1
         self.worker.send(request)
 
-    def receive(self, pending: deque[_Pending], slot: list[Any]) -> tuple[Batch, int]:
-        """The output of the oldest batch in flight, ``pending[0]``."""
+    def receive(self, pending: deque[_Pending], slot: list[Any]) -> tuple[Batch, int, float]:
+        """The output of the oldest batch in flight, ``pending[0]``: see
+        :meth:`WorkerProcess.receive`."""
         attempt = 0
         while True:
             try:

@@ -314,6 +314,12 @@ class Window:
             self._issued += n
             return True
 
+    def force(self, n: int) -> None:
+        """Counts ``n`` more items in flight without waiting for room (items already read, sent
+        by a caller that must not block: the window is exceeded by at most a batch)."""
+        with self._cond:
+            self._issued += n
+
     def completed_to(self, count: int) -> None:
         """Records that ``count`` top-level items are complete in all."""
         if count != self._completed:

@@ -239,16 +239,16 @@ class WorkerProcess:
         return self.proc.pid
 
     def run_batch(self, batch: Batch, timeout: float | None, slot: Any) -> tuple[Batch, int]:
-        """Runs the step over ``batch`` in the worker; returns ``(output batch, items_run)``.
+        """Runs the step over ``batch`` in the worker; returns ``(output batch, items run)``.
 
         On an error, ``slot[0]`` is set to the index in ``batch`` of the item it concerns (for a
         crash or a timeout, the item the worker held).
         """
         request, keep = self.encode(batch, slot)
         self.send(request)
-        out = self.receive(batch, timeout, slot)
+        out, n, _ = self.receive(batch, timeout, slot)
         del keep  # the worker answered: it holds its own references now
-        return out
+        return out, n
 
     @staticmethod
     def encode(batch: Batch, slot: Any) -> tuple[bytes, list[Block]]:
@@ -290,10 +290,12 @@ class WorkerProcess:
         timeout: float | None,
         slot: Any,
         name: Callable[[int], str] | None = None,
-    ) -> tuple[Batch, int]:
+    ) -> tuple[Batch, int, float]:
         """Waits for the reply to the oldest request (for ``batch``); see :meth:`run_batch`.
-        ``name(i)`` says which item the ``i``-th of the batch is, for a crash or timeout
-        message."""
+        Returns the output batch, the items run, and the seconds the worker spent on the batch
+        (unpickling, running, pickling: its own clock, so waits in the rings and in the parent
+        are not counted). ``name(i)`` says which item the ``i``-th of the batch is, for a crash
+        or timeout message."""
         slot[0] = None
         try:
             reply = self._wait_reply(timeout, what=lambda: self._doing(len(batch), name))
@@ -302,8 +304,8 @@ class WorkerProcess:
             slot[0] = at if 0 <= at < len(batch) else None
             raise
         if reply[0] == "done":
-            _, keys, count, payload, n, descs, lent = reply
-            return Batch.encoded(keys, payload, count, _shm.adopt(descs, lent)), n
+            _, keys, count, payload, n, descs, lent, busy = reply
+            return Batch.encoded(keys, payload, count, _shm.adopt(descs, lent)), n, busy
         slot[0] = reply[3]
         self._raise_remote(reply)
         raise AssertionError("unreachable")

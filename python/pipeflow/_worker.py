@@ -19,6 +19,7 @@ import pickle
 import sys
 import threading
 import traceback
+from time import perf_counter
 from typing import Any
 
 import cloudpickle
@@ -79,10 +80,17 @@ def _setup(message: tuple[Any, ...]) -> tuple[Any, Any]:
 
 
 def _answer(
-    fn: Any, apply: Any, batch: Batch, at: Word, never: list[bool], lent: set[tuple[int, int]]
+    fn: Any,
+    apply: Any,
+    batch: Batch,
+    at: Word,
+    never: list[bool],
+    lent: set[tuple[int, int]],
+    since: float,
 ) -> tuple[Any, ...]:
     """Runs the step over ``batch``: the reply, ``done`` with the results or ``error``.
-    ``lent``: the request's blocks (the parent's), which a result may hand back unchanged."""
+    ``lent``: the request's blocks (the parent's), which a result may hand back unchanged.
+    ``since``: when the request was read (the reply says how long the batch took from then)."""
     try:
         out, n = apply(fn, batch, at, False, never)  # it sets at[0] to each item's index
     except BaseException as e:
@@ -98,7 +106,8 @@ def _answer(
         e.add_note("pipeflow: a result of this batch could not be pickled")
         bad = first_unpicklable(out.values)
         return _error_reply(e, None if bad is None else _input_index(batch, out, bad))
-    return ("done", out.keys, len(out), payload, n, descs, _shm.lent_of(descs, lent))
+    lent_back = _shm.lent_of(descs, lent)
+    return ("done", out.keys, len(out), payload, n, descs, lent_back, perf_counter() - since)
 
 
 def main(argv: list[str]) -> int:
@@ -118,6 +127,7 @@ def main(argv: list[str]) -> int:
             batch: Batch | None = None
             try:
                 message = recv_message(inbox)
+                since = perf_counter()
                 if message[0] == "batch":
                     # Views on the parent's blocks, which it keeps until we answer.
                     blocks = _shm.borrow(message[3])
@@ -140,7 +150,7 @@ def main(argv: list[str]) -> int:
                 send_message(outbox, ("ready",))
                 continue
             assert batch is not None
-            reply = _answer(fn, apply, batch, at, never, {b.desc[:2] for b in blocks})
+            reply = _answer(fn, apply, batch, at, never, {b.desc[:2] for b in blocks}, since)
             # Let go of the items before answering: an input array that stage code kept needs
             # a reference of its own, as the parent lets go of the request's once answered.
             message = batch = None
