@@ -42,8 +42,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import cloudpickle
-
 from . import _shm
 from ._core import Block, Ring, Word
 from ._errors import ChannelClosed, WorkerCrashed
@@ -149,6 +147,8 @@ def recv_message(ring: Ring, timeout: float | None = None, parts: list[bytes] | 
 
 def first_unpicklable(values: list[Any]) -> int | None:
     """The index of the first value that does not pickle (for error messages only)."""
+    import cloudpickle
+
     for i, value in enumerate(values):
         try:
             cloudpickle.dumps(value, protocol=5)
@@ -163,6 +163,8 @@ def _pickle_mp_main_by_value() -> None:
     as cloudpickle does for ``__main__``."""
     module = sys.modules.get("__mp_main__")
     if module is not None and module.__name__ == "__mp_main__":
+        import cloudpickle
+
         cloudpickle.register_pickle_by_value(module)
 
 
@@ -218,6 +220,8 @@ class WorkerProcess:
         """Loads a step into the worker (again, for a warm worker); stops it if that fails."""
         self.label = label
         self.stopping = stopping
+        import cloudpickle
+
         try:
             # The parent's sys.path, so that functions pickled by reference (from modules the
             # parent imported: a test file, a package under development) import in the child.

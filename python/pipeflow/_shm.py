@@ -40,8 +40,6 @@ import sys
 import threading
 from typing import Any, Literal, cast
 
-import cloudpickle
-
 from ._core import Arena, Block
 
 __all__ = [
@@ -190,45 +188,98 @@ def stats() -> dict[str, int]:
 
 
 def _rebuild_buffer(buffer: Any, kind: str) -> Any:
-    """A ``bytearray`` or ``memoryview`` from what :class:`_Pickler` sent (a block, or bytes)."""
+    """A ``bytearray`` or ``memoryview`` from what :func:`_override` sent (a block, or bytes)."""
     if kind == "bytearray":
         return bytearray(buffer)
     view = memoryview(buffer)
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
-class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
-    """cloudpickle, sending more buffers out of band: any ``memoryview`` (which plain pickle
-    refuses), and a large non-contiguous numpy array (numpy pickles those in band; a contiguous
-    copy goes out of band instead). ``bytes`` and ``bytearray`` never reach this hook (the C
-    pickler writes them itself): a large pickle goes into a block whole instead."""
+def _override(obj: Any) -> Any:
+    """The pickler's ``reducer_override`` for what it sends out of band beyond plain pickle's:
+    any ``memoryview`` (which plain pickle refuses), and a large non-contiguous numpy array
+    (numpy pickles those in band; a contiguous copy goes out of band instead). ``None`` for the
+    rest. ``bytes`` and ``bytearray`` never reach this hook (the C pickler writes them itself):
+    a large pickle goes into a block whole instead."""
+    t = type(obj)
+    if t is memoryview:
+        flat = obj if obj.c_contiguous else memoryview(obj.tobytes())
+        return _rebuild_buffer, (pickle.PickleBuffer(flat.cast("B")), "memoryview")
+    elif t.__name__ == "ndarray":
+        np = sys.modules.get("numpy")
+        if (
+            np is not None
+            and t is np.ndarray
+            and not (obj.flags.c_contiguous or obj.flags.f_contiguous)
+            and not obj.dtype.hasobject
+            and obj.nbytes >= THRESHOLD
+        ):
+            return obj.copy(order="C").__reduce_ex__(5)
+    return None
 
-    def reducer_override(self, obj: Any) -> Any:
-        t = type(obj)
-        if t is memoryview:
-            flat = obj if obj.c_contiguous else memoryview(obj.tobytes())
-            return _rebuild_buffer, (pickle.PickleBuffer(flat.cast("B")), "memoryview")
-        elif t.__name__ == "ndarray":
-            np = sys.modules.get("numpy")
-            if (
-                np is not None
-                and t is np.ndarray
-                and not (obj.flags.c_contiguous or obj.flags.f_contiguous)
-                and not obj.dtype.hasobject
-                and obj.nbytes >= THRESHOLD
-            ):
-                return obj.copy(order="C").__reduce_ex__(5)
-        return super().reducer_override(obj)
+
+_picklers: dict[bool, type[pickle.Pickler]] = {}
 
 
-def dumps(obj: Any, lent: set[tuple[int, int]] | None = None) -> tuple[bytes, list[Desc]]:
-    """``obj`` pickled (protocol 5, cloudpickle), its large buffers in arena blocks: the pickle
-    and the blocks' descriptors, each carrying one reference for the message, but for blocks in
+def _pickler(by_value: bool) -> type[pickle.Pickler]:
+    """The pickler class: cloudpickle's (functions and classes of ``__main__``, lambdas and
+    closures by value) or plain pickle's (everything by reference: a worker process's results
+    need no more, and it then never imports cloudpickle, ~40 ms of its start here), with
+    :func:`_override`. Made on first use."""
+    cls = _picklers.get(by_value)
+    if cls is not None:
+        return cls
+    if by_value:
+        import cloudpickle
+
+        class _CloudPickler(cloudpickle.Pickler):  # type: ignore[misc]
+            def reducer_override(self, obj: Any) -> Any:
+                reduced = _override(obj)
+                return super().reducer_override(obj) if reduced is None else reduced
+
+        cls = _CloudPickler
+    else:
+
+        class _PlainPickler(pickle.Pickler):
+            def reducer_override(self, obj: Any) -> Any:
+                reduced = _override(obj)
+                return NotImplemented if reduced is None else reduced
+
+        cls = _PlainPickler
+    _picklers[by_value] = cls
+    return cls
+
+
+def dumps(
+    obj: Any, lent: set[tuple[int, int]] | None = None, *, by_value: bool = True
+) -> tuple[bytes, list[Desc]]:
+    """``obj`` pickled (protocol 5), its large buffers in arena blocks: the pickle and the
+    blocks' descriptors, each carrying one reference for the message, but for blocks in
     ``lent`` (``(slot, gen)``: the receiver's own, which it holds until it takes the message;
-    it adds the reference then, see :func:`adopt`)."""
+    it adds the reference then, see :func:`adopt`).
+
+    ``by_value``: with cloudpickle, which the parent needs (its ``__main__`` is the user's
+    script or notebook, whose functions and classes a worker cannot import). Without, plain
+    pickle is tried first, and cloudpickle only if that fails (a lambda in a result, an instance
+    of a class that came by value): plain pickle pickles a function or class by reference only
+    after checking that the reference leads back to the same object, so what it makes unpickles
+    the same."""
+    if not by_value:
+        try:
+            return _dumps(obj, lent, _pickler(False))
+        except Exception:
+            pass  # it needs cloudpickle: the second try says why if it fails too
+    return _dumps(obj, lent, _pickler(True))
+
+
+def _dumps(
+    obj: Any, lent: set[tuple[int, int]] | None, pickler: type[pickle.Pickler]
+) -> tuple[bytes, list[Desc]]:
     a = _arena
+    out = io.BytesIO()
     if a is None:
-        return cloudpickle.dumps(obj, protocol=5), []
+        pickler(out, protocol=5).dump(obj)
+        return out.getvalue(), []
     descs: list[Desc] = []
     tag = _owner
 
@@ -242,9 +293,8 @@ def dumps(obj: Any, lent: set[tuple[int, int]] | None = None) -> tuple[bytes, li
         descs.append(desc)
         return False
 
-    out = io.BytesIO()
     try:
-        _Pickler(out, protocol=5, buffer_callback=place).dump(obj)
+        pickler(out, protocol=5, buffer_callback=place).dump(obj)
         data = out.getvalue()
         if len(data) >= BIG_PICKLE:  # large bytes, str, many values: the pickle itself
             desc = a.put(data, tag)

@@ -22,8 +22,6 @@ import traceback
 from time import perf_counter
 from typing import Any
 
-import cloudpickle
-
 from . import _shm
 from ._core import Ring, Word
 from ._errors import ChannelClosed
@@ -34,6 +32,8 @@ PARENT_CHECK = 1.0
 
 
 def _error_reply(error: BaseException, key: Any = None) -> tuple[str, bytes, str, Any]:
+    import cloudpickle  # only now: a worker that never fails never imports it
+
     text = "".join(traceback.format_exception(error))
     try:
         payload = cloudpickle.dumps(error, protocol=5)  # an exception class from __main__ too
@@ -101,7 +101,7 @@ def _answer(
         # unpickling them. The blocks' references go to the parent; a result that is (a view
         # of) an input carries none: the parent adds one, as it holds the input until then. A
         # worker killed before its answer is read so holds no reference.
-        payload, descs = _shm.dumps(out.values, lent)
+        payload, descs = _shm.dumps(out.values, lent, by_value=False)
     except Exception as e:  # a result that does not pickle: report, don't die
         e.add_note("pipeflow: a result of this batch could not be pickled")
         bad = first_unpicklable(out.values)
