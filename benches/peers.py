@@ -387,14 +387,22 @@ def compare(
     *,
     first: bool = False,
     verify: Callable[[Row, list[Any], list[Any]], None] | None = None,
+    paced: int = 0,
 ) -> dict[Row, float]:
     """The median seconds per item of each row mapping ``f`` over ``items``, round-robin. With
     ``first``, the seconds until the first result of ``imap`` (the rest is taken, and a cold pool
-    closed, after the clock). Every result is checked: against ``f`` run here, or by ``verify``."""
+    closed, after the clock). Every result is checked: against ``f`` run here, or by ``verify``.
+
+    With ``paced``, each measurement is paired with a pace run right before it: ``f`` over the
+    first ``paced`` items in this process. On a machine whose clock speed drifts from minute to
+    minute (this one's: the same loop takes 210 to 340 us), the figure is then the median of
+    each measurement's ratio to its pace, times the median pace: rows measured minutes apart
+    compare as if measured at one speed, and a ratio of two rows is a ratio of paired medians."""
     expected = [f(x) for x in items]
     judge = verify or (lambda row, out, exp: check(row.label, out, exp, row.peer.ordered))
     pools = {row: row.peer.open() for row in rows if row.warm}
     per_item: dict[Row, list[float]] = {row: [] for row in rows}
+    paces: list[float] = []
     try:
         for _ in range(rounds):
             for row in rows:
@@ -402,15 +410,26 @@ def compare(
                 if row.warm:  # the same function: mpire, for one, restarts its workers for another
                     w = min(n, WARMUP)
                     judge(row, list(row.peer.map(pools[row], f, items[:w])), expected[:w])
+                pace = _pace(f, items[:paced]) if paced else 1.0
                 seconds, out = _timed(row, pools.get(row), f, items[:n], first)
-                per_item[row].append(seconds / (1 if first else n))
+                per_item[row].append(seconds / (1 if first else n) / pace)
+                paces.append(pace)
                 judge(row, out, expected[:n])
     finally:
         for row, pool in pools.items():
             row.peer.close(pool)
         for row in rows:
             row.peer.reset()
-    return {row: statistics.median(ts) for row, ts in per_item.items()}
+    scale = statistics.median(paces)
+    return {row: statistics.median(ts) * scale for row, ts in per_item.items()}
+
+
+def _pace(f: Fn, items: Sequence[Any]) -> float:
+    """Seconds per item of ``f`` over ``items`` in this process: the machine's speed now."""
+    t0 = time.perf_counter()
+    for x in items:
+        f(x)
+    return (time.perf_counter() - t0) / len(items)
 
 
 def _timed(

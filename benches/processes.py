@@ -9,6 +9,10 @@ run, start-up and shutdown in the clock, as a user writes it) and warm (the pool
 the clock). pipeflow's own default is warm from the second run on (its idle workers wait for the
 next run), so "pipeflow (defaults)" is measured both ways too: cold after
 ``pipeflow._process.shutdown_idle()``, warm as a repeated ``run`` finds it.
+
+W2's speedups are paired: each measurement follows a serial pace run of a tenth of the items, and
+the figures are medians of the ratios (see ``peers.compare``), because this machine's speed
+drifts by a third from one minute to the next.
 """
 
 from __future__ import annotations
@@ -120,11 +124,13 @@ def w1(n: int, slow: int, rounds: int) -> None:
 
 
 def w2(title: str, micros: int, n: int, slow: int, rounds: int) -> None:
-    figures = compare(w2_rows(n, slow), spin, [micros] * n, rounds)
+    # Each measurement is paired with a serial pace run of a tenth of the items right before it
+    # (see compare): a speedup is a ratio of paired medians, robust to this machine's drift.
+    figures = compare(w2_rows(n, slow), spin, [micros] * n, rounds, paced=max(1, n // 10))
     serial = next(v for row, v in figures.items() if isinstance(row.peer, Serial))
     markdown_table(
-        f"W2 CPU-heavy, {title} x {n:,} ({WORKERS} workers, median of {rounds}; "
-        f"serial {serial * n:.2f} s)",
+        f"W2 CPU-heavy, {title} x {n:,} ({WORKERS} workers, median of {rounds}, each paired "
+        f"with a serial pace run; serial {serial * n:.2f} s)",
         ["contender", "pool start-up", "items measured", "items/s", "speedup over serial"],
         (
             [row.label, row.start_up, measured(n, row.peer), rate(v), f"{serial / v:.2f}x"]
