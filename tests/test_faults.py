@@ -426,13 +426,15 @@ def test_an_input_that_stalls_often_loses_and_repeats_nothing(
     from pipeflow._ordering import Window
 
     flushed: list[int] = []
-    force = Window.force
+    try_acquire = Window.try_acquire
 
-    def counted(self: Window, n: int) -> None:
-        flushed.append(n)
-        force(self, n)
+    def counted(self: Window, n: int) -> bool:
+        taken = try_acquire(self, n)
+        if taken:
+            flushed.append(n)
+        return taken
 
-    monkeypatch.setattr(Window, "force", counted)
+    monkeypatch.setattr(Window, "try_acquire", counted)
     stalls = set(random.Random(7).sample(range(1, 4000), 6))
 
     def source():  # type: ignore[no-untyped-def]

@@ -436,7 +436,8 @@ class Run:
         """Sends the items the feeder has read of a batch while it waits inside the input's
         ``next()`` for the rest, once the first of them has waited ``SOURCE_HOLD``: an input
         that yields a burst and then blocks (an event queue) does not hold back the burst. It
-        never blocks the caller: if step 0's queue is full, the next supervision tries again."""
+        never blocks the caller, nor exceeds the in-flight bound: if the window or step 0's
+        queue is full, the items stay (a batch at most) and the next supervision tries again."""
         with self._feed_lock:
             values = self._filling
             if not self._in_source or not values:
@@ -444,14 +445,18 @@ class Run:
             if perf_counter() - self._filling_since < SOURCE_HOLD:
                 return
             n = len(values)  # the feeder may append meanwhile (at the end): take these only
+            window = self.windows[0]
+            if not window.try_acquire(n):
+                return
             try:
                 sent = self.channels[0].try_send(Batch(self._feed_start, values[:n]))
             except ChannelClosed:
-                return  # the run stopped
-            if sent:
-                del values[:n]
-                self._feed_start += n
-                self.windows[0].force(n)
+                sent = False  # the run stopped
+            if not sent:
+                window.release(n)
+                return
+            del values[:n]
+            self._feed_start += n
 
     def _work(self, st: _StepState, worker: int) -> None:
         """One worker of a map, filter or flat_map step: a thread, or the proxy of a process."""

@@ -302,23 +302,34 @@ class Window:
         self._completed = 0
         self._cond = threading.Condition()
 
+    def _full(self, n: int) -> bool:
+        """Whether ``n`` more items would exceed the limit (one batch always fits in an empty
+        window, however large)."""
+        return self._issued > self._completed and self._issued + n - self._completed > self.limit()
+
     def acquire(self, n: int) -> bool:
         """Waits until ``n`` more items fit; False if the run stopped meanwhile."""
         with self._cond:
-            while (
-                self._issued > self._completed and self._issued + n - self._completed > self.limit()
-            ):
+            while self._full(n):
                 if self._stopped():
                     return False
                 self._cond.wait(0.05)
             self._issued += n
             return True
 
-    def force(self, n: int) -> None:
-        """Counts ``n`` more items in flight without waiting for room (items already read, sent
-        by a caller that must not block: the window is exceeded by at most a batch)."""
+    def try_acquire(self, n: int) -> bool:
+        """Counts ``n`` more items in flight if they fit now; never waits."""
         with self._cond:
+            if self._full(n):
+                return False
             self._issued += n
+            return True
+
+    def release(self, n: int) -> None:
+        """Takes back ``n`` items acquired but not sent after all."""
+        with self._cond:
+            self._issued -= n
+            self._cond.notify_all()
 
     def completed_to(self, count: int) -> None:
         """Records that ``count`` top-level items are complete in all."""
