@@ -106,6 +106,20 @@ def test_error_in_init(kind: str) -> None:
 
     with pytest.raises(ImportError, match="no model file"):
         pf.Pipeline(kind=kind).stage(abs, init=init).run(range(3))  # type: ignore[arg-type]
+    with pytest.raises(ImportError, match="no model file"):  # also with nothing to run
+        pf.Pipeline(kind=kind).stage(abs, init=init).run([])  # type: ignore[arg-type]
+
+
+def test_warm_workers_that_ran_nothing_load_the_next_step_cleanly() -> None:
+    # A worker's setup is answered after the first batch is queued behind it; a worker that got
+    # no batch reads that answer before going back to the warm set, so the next run's setup
+    # answer is its own.
+    def tagged(tag: str) -> pf.Pipeline:
+        return pf.Pipeline().stage(lambda x: (x, pf.worker_state()), workers=2, init=lambda: tag)
+
+    assert tagged("a").run([]) == []
+    assert tagged("b").run([1]) == [(1, "b")]  # one worker of two ran nothing
+    assert tagged("c").run(range(4)) == [(i, "c") for i in range(4)]
 
 
 def test_early_break_stops_and_cleans_up(kind: str) -> None:

@@ -527,7 +527,11 @@ class Run:
                 held = None
                 continue
             if not pending:
-                return  # the input is closed and drained, and nothing is in flight
+                # The input is closed and drained, and nothing is in flight. A worker that got
+                # no batch still says whether its step loaded (an init that raises fails the run
+                # also over an empty input).
+                runner.worker.confirm()
+                return
             first = pending[0]
             slot[2] = first.batch
             out, n, busy = runner.receive(pending, slot)

@@ -195,9 +195,10 @@ class WorkerProcess:
         label: str,
         stopping: Callable[[], bool] = lambda: False,
         attach: Callable[[WorkerProcess], None] | None = None,
+        confirm: bool = True,
     ) -> None:
         """Starts a worker and loads the step; ``attach(self)`` is called first, so that the
-        caller can :meth:`interrupt` a start in progress."""
+        caller can :meth:`interrupt` a start in progress. ``confirm``: see :meth:`setup`."""
         self.to_child = Ring(RING_BYTES)
         self.from_child = Ring(RING_BYTES)
         # The index in its batch of the item the worker runs: -1 before the first, the batch's
@@ -212,12 +213,24 @@ class WorkerProcess:
             stdin=subprocess.DEVNULL,
         )
         self.interrupted = False  # see interrupt
+        self.unconfirmed = False  # a setup was sent whose answer is not read yet
         if attach is not None:
             attach(self)
-        self.setup(op, fn, init, label, stopping)
+        self.setup(op, fn, init, label, stopping, confirm)
 
-    def setup(self, op: str, fn: Any, init: Any, label: str, stopping: Callable[[], bool]) -> None:
-        """Loads a step into the worker (again, for a warm worker); stops it if that fails."""
+    def setup(
+        self,
+        op: str,
+        fn: Any,
+        init: Any,
+        label: str,
+        stopping: Callable[[], bool],
+        confirm: bool = True,
+    ) -> None:
+        """Loads a step into the worker (again, for a warm worker); stops it if that fails.
+        Without ``confirm``, it does not wait for the worker's answer: batches can be queued
+        behind the setup at once, and :meth:`confirm` (which :meth:`receive` and
+        :func:`give_back` call first) reads the answer, raising what ``init`` raised."""
         self.label = label
         self.stopping = stopping
         import cloudpickle
@@ -231,6 +244,20 @@ class WorkerProcess:
                 pickle.dumps(setup, protocol=5),
                 check=lambda: self._check_alive(lambda: "starting"),
             )
+        except BaseException:
+            self.stop()
+            raise
+        self.unconfirmed = True
+        if confirm:
+            self.confirm()
+
+    def confirm(self) -> None:
+        """Reads the worker's answer to the last setup, if not read yet: raises (and stops the
+        worker) if loading the step or running ``init`` failed, or the worker died starting."""
+        if not self.unconfirmed:
+            return
+        self.unconfirmed = False
+        try:
             reply = self._wait_reply(START_TIMEOUT, what=lambda: "starting")
             if reply[0] != "ready":
                 self._raise_remote(reply)
@@ -301,6 +328,7 @@ class WorkerProcess:
         are not counted). ``name(i)`` says which item the ``i``-th of the batch is, for a crash
         or timeout message."""
         slot[0] = None
+        self.confirm()
         try:
             reply = self._wait_reply(timeout, what=lambda: self._doing(len(batch), name))
         except (WorkerCrashed, TimeoutError):
@@ -363,7 +391,9 @@ class WorkerProcess:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Asks the worker to exit, makes sure it did (killing it past ``timeout``), and
-        releases both rings (their memfds close with them)."""
+        releases both rings (their memfds close with them). Stopping it again does nothing."""
+        if self.from_child is _CLOSED:
+            return
         if self.proc.poll() is None:
             try:
                 self.to_child.close_write()
@@ -417,23 +447,30 @@ def lease(
 ) -> WorkerProcess:
     """A worker loaded with this step: an idle one from the warm set if any is alive (a second
     run pays no interpreter start-up), else a new one. ``attach`` as for
-    :class:`WorkerProcess`."""
+    :class:`WorkerProcess`. The setup is not confirmed (see :meth:`WorkerProcess.setup`): the
+    first batch goes right behind it, without waiting for a round trip."""
     while True:
         with _idle_lock:
             worker = _idle.pop() if _idle else None
         if worker is None:
-            return WorkerProcess(op, fn, init, label, stopping, attach)
+            return WorkerProcess(op, fn, init, label, stopping, attach, confirm=False)
         if worker.proc.poll() is None and not worker.interrupted:
             if attach is not None:
                 attach(worker)
-            worker.setup(op, fn, init, label, stopping)
+            worker.setup(op, fn, init, label, stopping, confirm=False)
             return worker
         worker.stop()
 
 
 def give_back(worker: WorkerProcess) -> None:
-    """Returns a worker that finished its run cleanly to the warm set (or stops it)."""
+    """Returns a worker that finished its run cleanly to the warm set (or stops it). A setup it
+    never confirmed (a run with no items for it) is confirmed first, so the next run reads the
+    answer to its own."""
     if worker.proc.poll() is None and not worker.interrupted:
+        try:
+            worker.confirm()
+        except Exception:
+            return  # it failed to start, and is stopped
         with _idle_lock:
             if len(_idle) < MAX_IDLE:
                 _idle.append(worker)
