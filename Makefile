@@ -35,6 +35,8 @@ test-loom:
 
 test-python: build
 	$(PY) -m pytest -q
+	# Workers started as fresh interpreters, not by the fork server: the process fault suite again.
+	PIPEFLOW_START_METHOD=spawn $(PY) -m pytest -q tests/test_faults.py tests/test_worker_process.py -k process
 
 lint: build
 	cargo fmt --all --check

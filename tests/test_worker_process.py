@@ -424,11 +424,14 @@ def make_adder(n: int) -> object:
     return lambda x: x + n  # a closure: only cloudpickle can send it back
 
 
-def test_a_worker_running_an_importable_function_never_imports_cloudpickle() -> None:
+def test_a_worker_running_an_importable_function_never_imports_cloudpickle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # Its function comes by reference and its results pickle plainly: the ~40 ms import of
-    # cloudpickle stays out of a worker's start.
+    # cloudpickle stays out of a fresh interpreter's start (a forked worker has it already).
     from pipeflow import _process
 
+    monkeypatch.setenv("PIPEFLOW_START_METHOD", "spawn")
     _process.shutdown_idle()  # fresh workers: a warm one may have needed it before
     assert pf.Pipeline().stage(cloudpickle_loaded, workers=2).run(range(10)) == [False] * 10
 

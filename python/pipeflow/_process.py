@@ -18,9 +18,11 @@ reported as :class:`~pipeflow.WorkerCrashed` with its exit code or signal and th
 a batch past ``timeout`` is killed and reported as ``TimeoutError``. An exception in the worker
 comes back as the same exception type, with the worker's traceback text as its ``__cause__``.
 
-Workers are started with ``subprocess`` (a fresh interpreter: safe whatever threads the parent
-runs, unlike a plain fork). A worker exits when the parent closes its input ring, and on its own
-when it sees that its parent died (it checks once a second), so no orphan outlives a killed run.
+Workers are forked by a fork server (``_zygote``: a single-threaded process started once, with
+pipeflow imported, so safe to fork whatever threads the parent runs), or started with
+``subprocess`` as fresh interpreters (``PIPEFLOW_START_METHOD=spawn``, or if the server cannot
+start). A worker exits when the parent closes its input ring, and on its own when it sees that
+its parent died (it checks once a second), so no orphan outlives a killed run.
 
 Warm set: a worker whose run ended cleanly goes back to an idle set (at most ``MAX_IDLE``), and
 the next run loads its step into it (``lease``) instead of starting an interpreter. Idle workers
@@ -42,7 +44,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import _shm
+from . import _shm, _zygote
 from ._core import Block, Ring, Word
 from ._errors import ChannelClosed, WorkerCrashed
 from ._ordering import Batch
@@ -60,6 +62,7 @@ __all__ = [
     "send_bytes",
     "send_message",
     "shutdown_idle",
+    "start_method",
 ]
 
 RING_BYTES = 512 << 10
@@ -168,7 +171,50 @@ def _pickle_mp_main_by_value() -> None:
         cloudpickle.register_pickle_by_value(module)
 
 
+def start_method() -> str:
+    """How worker processes start: ``PIPEFLOW_START_METHOD``, ``forkserver`` by default."""
+    method = os.environ.get("PIPEFLOW_START_METHOD", "forkserver")
+    if method not in ("forkserver", "spawn"):
+        raise ValueError(
+            f"PIPEFLOW_START_METHOD={method!r}: set it to 'forkserver' (the default: workers "
+            "forked by a fork server) or 'spawn' (each worker a fresh interpreter)"
+        )
+    return method
+
+
+def _start_process(
+    method: str, fds: list[int], tag: int
+) -> subprocess.Popen[bytes] | _zygote.Forked:
+    """A worker process on ``fds`` (in, out, at, arena): forked by the fork server, or a fresh
+    interpreter (``spawn``, or when the fork server cannot be had: a warning says why)."""
+    if method == "forkserver":
+        try:
+            return _zygote.start(fds, tag)
+        except OSError as e:
+            global _fallback_warned
+            if not _fallback_warned:
+                _fallback_warned = True
+                import warnings
+
+                warnings.warn(
+                    f"{e}; pipeflow starts its worker processes as fresh interpreters instead "
+                    "(slower to start)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeflow._worker", *map(str, fds), str(tag)],
+        pass_fds=fds,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+_fallback_warned = False
+
+
 def _describe_exit(code: int) -> str:
+    if code == _zygote.UNKNOWN_EXIT:
+        return "ended, with an exit status nobody could read (the fork server that started it died)"
     if code < 0:
         try:
             name = signal.Signals(-code).name
@@ -199,6 +245,7 @@ class WorkerProcess:
     ) -> None:
         """Starts a worker and loads the step; ``attach(self)`` is called first, so that the
         caller can :meth:`interrupt` a start in progress. ``confirm``: see :meth:`setup`."""
+        method = start_method()
         self.to_child = Ring(RING_BYTES)
         self.from_child = Ring(RING_BYTES)
         # The index in its batch of the item the worker runs: -1 before the first, the batch's
@@ -207,11 +254,7 @@ class WorkerProcess:
         self.at[0] = -1
         self.tag = next(_tags)  # names the shared-memory blocks this worker writes
         fds = [self.to_child.fd, self.from_child.fd, self.at.fd, _shm.arena().fd]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeflow._worker", *map(str, fds), str(self.tag)],
-            pass_fds=fds,
-            stdin=subprocess.DEVNULL,
-        )
+        self.proc = _start_process(method, fds, self.tag)
         self.interrupted = False  # see interrupt
         self.unconfirmed = False  # a setup was sent whose answer is not read yet
         if attach is not None:
@@ -495,4 +538,5 @@ def _forget_idle_after_fork() -> None:
 
 _pickle_mp_main_by_value()
 os.register_at_fork(after_in_child=_forget_idle_after_fork)
+atexit.register(_zygote.shutdown)  # runs after shutdown_idle (atexit runs the last first)
 atexit.register(shutdown_idle)
