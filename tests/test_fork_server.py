@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import psutil
@@ -199,3 +200,20 @@ def test_a_forked_parent_starts_a_server_of_its_own() -> None:
         timeout=60,
     )
     assert "child 0 same True" in out.stdout, out.stderr
+
+
+def test_without_a_fork_server_workers_start_as_fresh_interpreters(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _process.shutdown_idle()
+    _zygote.shutdown()
+    monkeypatch.setattr(_zygote, "_ENTRY", "import sys; sys.exit(3)")  # a server that cannot start
+    monkeypatch.setattr(_zygote, "_failed", None)
+    monkeypatch.setattr(_process, "_fallback_warned", False)
+    with pytest.warns(RuntimeWarning, match="fork server did not start.*fresh interpreters"):
+        assert set(pf.Pipeline().stage(parent_of, workers=2).run(range(4))) == {os.getpid()}
+    # Said once; and no second attempt at a server that failed.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert set(pf.Pipeline().stage(parent_of, workers=3).run(range(6))) == {os.getpid()}
+    assert _zygote.server_pid() is None

@@ -245,6 +245,7 @@ def _is_open(fd: int) -> bool:
 
 
 _server: _Server | None = None
+_failed: str | None = None  # why the server could not start, if it could not
 _server_lock = threading.Lock()
 
 
@@ -255,13 +256,19 @@ def start(fds: list[int], tag: int) -> Forked:
 
 def server() -> _Server:
     """The running server, started now if none is (or the last one died)."""
-    global _server
+    global _server, _failed
     with _server_lock:
         if _server is not None and (not _server.alive or _server.proc.poll() is not None):
             _server.close()
             _server = None
         if _server is None:
-            _server = _Server()
+            if _failed is not None:  # it could not start: it would not now either
+                raise OSError(_failed)
+            try:
+                _server = _Server()
+            except OSError as e:
+                _failed = str(e)
+                raise
         return _server
 
 
