@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!   spawn() from outside ──► Injector (global FIFO) ──┐
-//!   spawn() from a task  ──► the worker's own deque   ├─► worker: pop local, else take a batch
+//!   spawn() from a task  ──► the worker's own deque   ├─► worker: pop local, else take one job
 //!                               (LIFO, stealable)      │   from the injector, else steal from a
 //!                                                      ┘   sibling, else sleep (see `sleep`)
 //! ```
@@ -247,13 +247,14 @@ fn find_job(shared: &Shared, slot: usize) -> Option<Job> {
     if local_job.is_some() {
         return local_job;
     }
+    // One job at a time from the injector, never a batch: a batch steal moves the other jobs
+    // into this thread's deque, out of sight of threads searching at that instant (between the
+    // injector's head moving and the deque's back being published; a preemption there makes the
+    // instant long). Such a searcher sleeps, and if this thread then blocks in its job (a
+    // pipeline's feeder or stage worker blocks for the whole run), the jobs it holds never
+    // start: the run waits forever for a stage that has no worker.
     loop {
-        let stolen = LOCAL.with(|l| {
-            let l = l.borrow();
-            let (_, local) = l.as_ref()?;
-            Some(shared.injector.steal_batch_and_pop(local))
-        })?;
-        match stolen {
+        match shared.injector.steal() {
             Steal::Success(job) => return Some(job),
             Steal::Retry => continue,
             Steal::Empty => break,
@@ -324,6 +325,57 @@ mod tests {
         first.recv().unwrap();
         txs[n].send(()).unwrap();
         assert!(pool.shutdown(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn jobs_posted_together_all_start_while_the_first_ones_block() {
+        // A pipeline's tasks (feeder, stage workers) are posted together and each blocks for the
+        // whole run: every one must start, also when idle threads wake and search at once. A
+        // thread that took several jobs from the injector in one steal would hold the others in
+        // its own deque, out of sight of the threads searching meanwhile, while it blocks in the
+        // first: those would never start.
+        let pool = Pool::new(64, Duration::from_secs(10));
+        let k = 6;
+        // Busy threads on every core, so that the pool's threads are preempted anywhere,
+        // also in the middle of taking a job.
+        let spin = Arc::new(AtomicBool::new(true));
+        let spinners: Vec<_> = (0..4)
+            .map(|_| {
+                let spin = Arc::clone(&spin);
+                thread::spawn(move || {
+                    while spin.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        for round in 0..2000 {
+            let (started_tx, started_rx) = mpsc::channel::<()>();
+            let (release_tx, release_rx) = mpsc::channel::<()>();
+            let release_rx = Arc::new(Mutex::new(release_rx));
+            for _ in 0..k {
+                let (started, release) = (started_tx.clone(), Arc::clone(&release_rx));
+                assert!(pool.spawn(Box::new(move || {
+                    started.send(()).unwrap();
+                    // Blocks until released (a timeout only so that a failure cannot hang).
+                    let _ = lock(&release).recv_timeout(Duration::from_secs(5));
+                })));
+            }
+            for i in 0..k {
+                assert!(
+                    started_rx.recv_timeout(Duration::from_secs(2)).is_ok(),
+                    "round {round}: only {i} of {k} jobs started"
+                );
+            }
+            for _ in 0..k {
+                release_tx.send(()).unwrap();
+            }
+        }
+        spin.store(false, Ordering::Relaxed);
+        for s in spinners {
+            s.join().unwrap();
+        }
+        assert!(pool.shutdown(Duration::from_secs(10)));
     }
 
     #[test]
