@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -95,7 +94,7 @@ def test_a_dead_server_fails_its_workers_items_clearly_then_is_replaced() -> Non
     pipeline = pf.Pipeline().stage(slow_parent_of, workers=2)
     with (
         pytest.raises(WorkerCrashed, match="the fork server that started it died") as info,
-        contextlib.closing(pipeline.iter(range(100))) as results,
+        pipeline.iter(range(100)) as results,
     ):
         next(results)
         os.kill(server, signal.SIGKILL)  # its workers follow it within a second
@@ -114,7 +113,7 @@ def test_with_retries_a_dead_server_loses_no_item() -> None:
     assert server is not None
     pipeline = pf.Pipeline().stage(slow_parent_of, workers=2, retries=2)
     out = []
-    with contextlib.closing(pipeline.iter(range(12))) as results:
+    with pipeline.iter(range(12)) as results:
         for x, parent in results:
             out.append((x, parent))
             if x == 1:

@@ -276,6 +276,17 @@ def test_iter_gives_results_that_close(kind: str) -> None:
         next(results)
 
 
+def test_leaving_a_with_block_over_results_stops_the_run(kind: str) -> None:
+    p = pf.Pipeline(kind=kind).stage(abs)  # type: ignore[arg-type]
+    with p.iter(itertools.count()) as results:
+        assert [next(results) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(StopIteration):  # stopped; the leak check after the test sees nothing left
+        next(results)
+    with pytest.raises(KeyError), p.iter(itertools.count()) as results:
+        next(results)
+        raise KeyError("an error in the block stops the run too")
+
+
 def test_a_closed_results_gives_nothing_more(kind: str) -> None:
     # Results are released a list at a time: close() also drops the rest of the list the
     # caller was in the middle of (thousands of items here, once the batches have grown).

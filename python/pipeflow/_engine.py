@@ -691,7 +691,8 @@ class Results(itertools.chain):  # type: ignore[type-arg]
 
     It walks the lists of results the run releases at C speed (an ``itertools.chain``), so
     taking an item costs no Python frame. ``close()`` stops the run and waits for its workers,
-    as closing a generator does; so does dropping the last reference to it.
+    as closing a generator does; so does leaving a ``with`` block over it, and dropping the last
+    reference to it.
 
     Example:
         >>> import itertools, pipeflow as pf
@@ -699,6 +700,9 @@ class Results(itertools.chain):  # type: ignore[type-arg]
         >>> next(results), next(results)
         ('0', '1')
         >>> results.close()  # stops reading the endless input; nothing is left running
+        >>> with pf.Pipeline(kind="thread").stage(str).iter(itertools.count()) as results:
+        ...     next(results)
+        '0'
     """
 
     _released: Generator[list[Any], None, None]
@@ -713,6 +717,12 @@ class Results(itertools.chain):  # type: ignore[type-arg]
     def close(self) -> None:
         """Stops the run (if it is still going) and waits until nothing of it is left."""
         self._released.close()
+
+    def __enter__(self) -> Results:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def _apply_map(
