@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -216,3 +217,31 @@ def test_without_a_fork_server_workers_start_as_fresh_interpreters(
         warnings.simplefilter("error")
         assert set(pf.Pipeline().stage(parent_of, workers=3).run(range(6))) == {os.getpid()}
     assert _zygote.server_pid() is None
+
+
+def test_workers_are_watched_also_through_fds_above_1024() -> None:
+    # select() cannot wait on an fd from 1024 up: the pidfds are polled instead.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the fd limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    null = os.open(os.devnull, os.O_RDONLY)
+    fillers = [os.dup(null) for _ in range(1100)]
+    try:
+        _process.shutdown_idle()  # new workers: their pidfds get numbers above 1024
+        assert pf.Pipeline().stage(slow_parent_of, workers=2).run(range(4)) == [
+            (x, _zygote.server_pid()) for x in range(4)
+        ]
+        with pytest.raises(WorkerCrashed, match="SIGKILL"):
+            pf.Pipeline().stage(kill_self, workers=2).run(range(4))
+    finally:
+        for fd in [*fillers, null]:
+            os.close(fd)
+        _process.shutdown_idle()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def kill_self(x: int) -> int:
+    if x == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x

@@ -62,10 +62,9 @@ class Forked:
     def poll(self) -> int | None:
         """The exit code (negative: the signal) once the process ended, else None."""
         if self.returncode is None and _readable(self._pidfd, 0):
-            code = self._server.exit_code(self.pid)
-            with self._lock:
+            with self._lock:  # one thread takes the server's notice; the others see its code
                 if self.returncode is None:
-                    self.returncode = code
+                    self.returncode = self._server.exit_code(self.pid)
                     self._close()
         return self.returncode
 
@@ -95,14 +94,14 @@ class Forked:
 
 
 def _readable(fd: int, timeout: float | None) -> bool:
-    """Whether a pidfd says its process ended (within ``timeout``). A pidfd already closed
-    means the status is known: ``poll`` then returns it."""
+    """Whether ``fd`` is readable within ``timeout`` (a pidfd: its process ended). ``poll``,
+    not ``select``, which fails on fds from 1024 up. A pidfd already closed (``POLLNVAL``, or
+    -1) means that another thread read the status: ``Forked.poll`` then returns it."""
     if fd < 0:
         return True
-    try:
-        return bool(select.select([fd], [], [], timeout)[0])
-    except (OSError, ValueError):  # closed by another thread that read the status meanwhile
-        return True
+    waiter = select.poll()
+    waiter.register(fd, select.POLLIN)
+    return bool(waiter.poll(None if timeout is None else max(0.0, timeout) * 1000))
 
 
 class _Server:
