@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(PY) -m benches.compare
 	$(PY) -m benches.transport
 	$(PY) -m benches.processes
+	$(PY) -m benches.w2check
 	$(PY) -m benches.memory
 	$(PY) -m benches.faults
 	$(PY) -m benches.startup

@@ -393,11 +393,12 @@ def compare(
     ``first``, the seconds until the first result of ``imap`` (the rest is taken, and a cold pool
     closed, after the clock). Every result is checked: against ``f`` run here, or by ``verify``.
 
-    With ``paced``, each measurement is paired with a pace run right before it: ``f`` over the
-    first ``paced`` items in this process. On a machine whose clock speed drifts from minute to
-    minute (this one's: the same loop takes 210 to 340 us), the figure is then the median of
-    each measurement's ratio to its pace, times the median pace: rows measured minutes apart
-    compare as if measured at one speed, and a ratio of two rows is a ratio of paired medians."""
+    With ``paced``, each measurement is bracketed by two pace runs, right before and right
+    after it: ``f`` over the first ``paced`` items in this process; their mean is the
+    measurement's pace. On a machine whose clock speed drifts from minute to minute (this one's:
+    the same loop takes 190 to 340 us), the figure is then the median of each measurement's
+    ratio to its pace, times the median pace: rows measured minutes apart compare as if measured
+    at one speed, and a ratio of two rows is a ratio of paired medians."""
     expected = [f(x) for x in items]
     judge = verify or (lambda row, out, exp: check(row.label, out, exp, row.peer.ordered))
     pools = {row: row.peer.open() for row in rows if row.warm}
@@ -410,8 +411,9 @@ def compare(
                 if row.warm:  # the same function: mpire, for one, restarts its workers for another
                     w = min(n, WARMUP)
                     judge(row, list(row.peer.map(pools[row], f, items[:w])), expected[:w])
-                pace = _pace(f, items[:paced]) if paced else 1.0
+                before = _pace(f, items[:paced]) if paced else 1.0
                 seconds, out = _timed(row, pools.get(row), f, items[:n], first)
+                pace = (before + _pace(f, items[:paced])) / 2 if paced else 1.0
                 per_item[row].append(seconds / (1 if first else n) / pace)
                 paces.append(pace)
                 judge(row, out, expected[:n])
