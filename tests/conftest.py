@@ -72,7 +72,7 @@ def assert_clean(threads_before: int, python_threads_before: int, fds_before: in
 def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     """After every test: nothing left running (tests marked ``leaky`` opt out). The fork server
     is started first, if it is not running, so that its socket is not counted as a leak."""
-    if os.environ.get("PIPEFLOW_START_METHOD", "forkserver") == "forkserver":
+    if _process.start_method() == "forkserver":
         _zygote.server()
     before = (_non_pool_threads(), threading.active_count(), _fds())
     yield

@@ -157,14 +157,16 @@ EXITING_PARENT = """
 """
 
 
-def test_the_server_exits_with_the_interpreter() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(EXITING_PARENT)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
+def _run_script(code: str) -> subprocess.CompletedProcess[str]:
+    """Runs ``code`` in a fresh interpreter; its output, as text."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60
     )
+
+
+def test_the_server_exits_with_the_interpreter() -> None:
+    out = _run_script(EXITING_PARENT)
+    assert out.returncode == 0, out.stderr
     server = int(out.stdout)
     assert not psutil.pid_exists(server)  # reaped before the interpreter exited
     assert "Warning" not in out.stderr, out.stderr
@@ -193,12 +195,7 @@ FORKED_PARENT = """
 
 
 def test_a_forked_parent_starts_a_server_of_its_own() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(FORKED_PARENT)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = _run_script(FORKED_PARENT)
     assert "child 0 same True" in out.stdout, out.stderr
 
 
