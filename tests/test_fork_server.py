@@ -242,3 +242,32 @@ def kill_self(x: int) -> int:
     if x == 2:
         os.kill(os.getpid(), signal.SIGKILL)
     return x
+
+
+def test_a_fork_request_left_unanswered_stops_the_server_and_uses_new_rings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A child the server forks too late holds the request's rings: it must not share them with
+    # the worker started instead, nor outlive its server.
+    _process.shutdown_idle()
+    old = _zygote.server()
+    cmdline = psutil.Process(old.pid).cmdline()
+    monkeypatch.setattr(_zygote, "FORK_TIMEOUT", 0.0)
+    monkeypatch.setattr(_process, "_fallback_warned", False)
+    with pytest.warns(RuntimeWarning, match="did not answer a fork request within 0 s"):
+        assert pf.Pipeline().stage(parent_of).run(range(4)) == [os.getpid()] * 4
+    assert old.proc.returncode == -signal.SIGKILL and not old.alive
+    monkeypatch.undo()
+    _process.shutdown_idle()
+    parents = set(pf.Pipeline().stage(parent_of, workers=2).run(range(8)))
+    server = _zygote.server_pid()
+    assert server not in (None, old.pid) and parents == {server}  # a new server serves
+
+    def orphans() -> list[int]:
+        return [
+            p.pid
+            for p in psutil.process_iter(["cmdline", "ppid"])
+            if p.info["cmdline"] == cmdline and server not in (p.pid, p.info["ppid"])
+        ]
+
+    assert wait_until(lambda: not orphans(), timeout=5), orphans()

@@ -190,18 +190,10 @@ def _start_process(
     if method == "forkserver":
         try:
             return _zygote.start(fds, tag)
+        except _zygote.Abandoned:
+            raise  # the caller starts one on new fds
         except OSError as e:
-            global _fallback_warned
-            if not _fallback_warned:
-                _fallback_warned = True
-                import warnings
-
-                warnings.warn(
-                    f"{e}; pipeflow starts its worker processes as fresh interpreters instead "
-                    "(slower to start)",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+            _warn_fallback(str(e))
     return subprocess.Popen(
         [sys.executable, "-m", "pipeflow._worker", *map(str, fds), str(tag)],
         pass_fds=fds,
@@ -210,6 +202,21 @@ def _start_process(
 
 
 _fallback_warned = False
+
+
+def _warn_fallback(why: str) -> None:
+    """Warns, once a process, that workers start as fresh interpreters, and why."""
+    global _fallback_warned
+    if not _fallback_warned:
+        _fallback_warned = True
+        import warnings
+
+        warnings.warn(
+            f"{why}; pipeflow starts its worker processes as fresh interpreters instead "
+            "(slower to start)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _describe_exit(code: int) -> str:
@@ -246,20 +253,30 @@ class WorkerProcess:
         """Starts a worker and loads the step; ``attach(self)`` is called first, so that the
         caller can :meth:`interrupt` a start in progress. ``confirm``: see :meth:`setup`."""
         method = start_method()
+        self.tag = next(_tags)  # names the shared-memory blocks this worker writes
+        try:
+            self.proc = _start_process(method, self._new_channels(), self.tag)
+        except _zygote.Abandoned as e:
+            # A late child of the stopped server may hold those rings: new ones, and a fresh
+            # interpreter (the next worker tries a new server).
+            _warn_fallback(str(e))
+            self.proc = _start_process("spawn", self._new_channels(), self.tag)
+        self.interrupted = False  # see interrupt
+        self.unconfirmed = False  # a setup was sent whose answer is not read yet
+        if attach is not None:
+            attach(self)
+        self.setup(op, fn, init, label, stopping, confirm)
+
+    def _new_channels(self) -> list[int]:
+        """New rings and word for the worker; their fds, with the arena's, in the order
+        ``_worker.main`` takes them."""
         self.to_child = Ring(RING_BYTES)
         self.from_child = Ring(RING_BYTES)
         # The index in its batch of the item the worker runs: -1 before the first, the batch's
         # length after the last. Read only after the worker died.
         self.at = Word()
         self.at[0] = -1
-        self.tag = next(_tags)  # names the shared-memory blocks this worker writes
-        fds = [self.to_child.fd, self.from_child.fd, self.at.fd, _shm.arena().fd]
-        self.proc = _start_process(method, fds, self.tag)
-        self.interrupted = False  # see interrupt
-        self.unconfirmed = False  # a setup was sent whose answer is not read yet
-        if attach is not None:
-            attach(self)
-        self.setup(op, fn, init, label, stopping, confirm)
+        return [self.to_child.fd, self.from_child.fd, self.at.fd, _shm.arena().fd]
 
     def setup(
         self,

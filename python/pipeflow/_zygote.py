@@ -37,15 +37,23 @@ import threading
 import time
 from typing import Any, NoReturn
 
-__all__ = ["UNKNOWN_EXIT", "Forked", "server", "server_pid", "shutdown", "start"]
+__all__ = ["UNKNOWN_EXIT", "Abandoned", "Forked", "server", "server_pid", "shutdown", "start"]
 
 UNKNOWN_EXIT = 1 << 16  # the server died before it could relay a worker's exit status
-START_TIMEOUT = 60.0
+START_TIMEOUT = 60.0  # for the server to start
+FORK_TIMEOUT = 60.0  # for it to answer a fork request
 NOTICE_TIMEOUT = 5.0  # from a child's end (its pidfd) to the server's notice of its status
 _MAX_MESSAGE = 1 << 20
 _MAX_FDS = 8
 # Not ``-m pipeflow._zygote``: the package imports this module before runpy would run it.
 _ENTRY = "import sys; from pipeflow._zygote import main; sys.exit(main(sys.argv[1:]))"
+
+
+class Abandoned(OSError):
+    """A fork request the server did not answer, in time or before it exited. It may have forked
+    a child on the request's fds all the same: the server is stopped (SIGKILL), so that such a
+    child is orphaned and exits on its own (see ``_worker``), and the caller must not hand those
+    fds to another process."""
 
 
 class Forked:
@@ -151,11 +159,20 @@ class _Server:
         except OSError as e:
             self._gone()
             raise OSError(f"pipeflow: the fork server is gone ({e})") from e
-        self._pump(lambda: request_id in self._forked or not self.alive, START_TIMEOUT)
+        self._pump(lambda: request_id in self._forked or not self.alive, FORK_TIMEOUT)
         with self._cond:
             answer = self._forked.pop(request_id, None)
-        if answer is None:
-            raise OSError("pipeflow: the fork server did not answer a fork request")
+        if answer is None:  # it may have forked a child on these fds all the same
+            if not self.alive:
+                raise Abandoned("pipeflow: the fork server exited before answering a fork request")
+            # Stopped, not left running: a child it forks after this could read the request's
+            # rings alongside whatever worker the caller starts instead.
+            self.proc.kill()
+            self.close()
+            raise Abandoned(
+                f"pipeflow: the fork server did not answer a fork request within "
+                f"{FORK_TIMEOUT:g} s (it was stopped)"
+            )
         if answer[0] == "error":
             raise OSError(f"pipeflow: the fork server could not fork a worker: {answer[1]}")
         _, pid, pidfd = answer
