@@ -190,6 +190,21 @@ class MpPool(Peer):
         pool.terminate()  # what `with Pool(...)` does; it joins the workers
 
 
+class Ceiling(MpPool):
+    """The machine's ceiling for items that all cost the same: ``Pool.map`` with one chunk a
+    worker, so each process maps its share with no scheduling at all. No library splits such
+    items better, so its speedup over serial is the most any contender can show in that run on
+    this machine (a reference, not a peer: one slow item would hold up its whole share, and
+    nothing comes back before the end)."""
+
+    def __init__(self) -> None:
+        super().__init__("map")
+        self.name = "ceiling: multiprocessing.Pool.map, one chunk a worker (a reference)"
+
+    def map(self, pool: Any, f: Fn, items: Sequence[Any]) -> Iterable[Any]:
+        return pool.map(f, items, -(-len(items) // WORKERS))  # type: ignore[no-any-return]
+
+
 class Executor(Peer):
     """``concurrent.futures.ProcessPoolExecutor.map``: it submits every chunk at once (eager)."""
 
@@ -468,14 +483,14 @@ def pipeflow_figures(figures: dict[Row, float]) -> dict[bool, float]:
 def best_peer(
     figures: dict[Row, float], warm: bool | None = None, forks: bool | None = None
 ) -> tuple[Row, float]:
-    """The row (not pipeflow's, nor the serial baseline) with the lowest figure; only warm (or
-    cold) rows if ``warm`` is given, only rows whose workers are forked (or not) from this process
-    if ``forks`` is."""
+    """The row (not pipeflow's, nor a reference: serial, the ceiling) with the lowest figure; only
+    warm (or cold) rows if ``warm`` is given, only rows whose workers are forked (or not) from
+    this process if ``forks`` is."""
     return min(
         (
             (row, v)
             for row, v in figures.items()
-            if not isinstance(row.peer, Pipeflow | Serial)
+            if not isinstance(row.peer, Pipeflow | Serial | Ceiling)
             and warm in (None, row.warm)
             and forks in (None, row.peer.method == "fork")
         ),

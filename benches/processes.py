@@ -23,6 +23,7 @@ import sys
 from benches.peers import (
     ROUNDS,
     WORKERS,
+    Ceiling,
     Executor,
     Joblib,
     Loky,
@@ -78,8 +79,8 @@ def w1_rows(slow: int) -> list[Row]:
 
 def w2_rows(n: int, slow: int) -> list[Row]:
     """Each peer as a user writes it (cold); the pools warm as well, with a chunk size that splits
-    ``n`` items into four chunks a worker where the default is one item a task. ``slow``: how
-    much smaller a run the per-item peers get."""
+    ``n`` items into four chunks a worker where the default is one item a task; and the machine's
+    ceiling (see ``peers.Ceiling``). ``slow``: how much smaller a run the per-item peers get."""
     chunk = max(1, n // (4 * WORKERS))
     ours, pool_map, mpire = Pipeflow(), MpPool("map"), Mpire()
     return rows(
@@ -92,7 +93,16 @@ def w2_rows(n: int, slow: int) -> list[Row]:
             Pypeln(slow=slow),
             Pebble(1, slow=slow),
         ],
-        [ours, pool_map, Executor(chunk), Joblib(), Loky(chunk), mpire, Pebble(chunk)],
+        [
+            Ceiling(),
+            ours,
+            pool_map,
+            Executor(chunk),
+            Joblib(),
+            Loky(chunk),
+            mpire,
+            Pebble(chunk),
+        ],
     )
 
 
@@ -142,10 +152,13 @@ def w2(title: str, micros: int, n: int, slow: int, rounds: int) -> None:
     )
     ours = pipeflow_figures(figures)
     row, best = best_peer(figures)
+    ceiling = next(v for row, v in figures.items() if isinstance(row.peer, Ceiling))
     print(
         f"pipeflow speedup: **{serial / ours[True]:.2f}x** warm, {serial / ours[False]:.2f}x cold "
         f"(target 1.9x); best peer {row.label}: {serial / best:.2f}x; pipeflow (warm) vs best "
-        f"peer: **{best / ours[True]:.2f}x**"
+        f"peer: **{best / ours[True]:.2f}x**; the machine's ceiling in this run (one chunk a "
+        f"worker): {serial / ceiling:.2f}x, pipeflow (warm) at **{ceiling / ours[True]:.2f}** of "
+        f"it, the best peer at {ceiling / best:.2f}"
     )
 
 

@@ -5,9 +5,10 @@ Run as ``python -m benches.w2check`` (``--quick`` for a smoke run). On a shared 
 measured a few seconds apart moves by more than the gap between contenders. These two checks are
 robust to that:
 
-- **Alternation.** pipeflow and ``Pool.map`` (forkserver, default chunks), both warm, run the same
-  items one right after the other, several times; each pair gives a ratio, and their median is
-  printed with their spread.
+- **Alternation.** pipeflow, ``Pool.map`` (forkserver, default chunks) and the machine's ceiling
+  (``Pool.map`` with one chunk a worker: see ``peers.Ceiling``), all warm, run the same items one
+  right after the other, in a rotating order, several times; each round gives ratios, and their
+  medians are printed with their spread.
 - **Utilization.** Over one pipeflow run, the CPU time of its worker processes (read from
   ``/proc`` through psutil, before and after) over ``workers x wall time``: the share of the run
   the workers spent working. The speedup pipeflow gives over one of its own workers is that share
@@ -27,7 +28,7 @@ import time
 import psutil
 
 import pipeflow as pf
-from benches.peers import WORKERS, spin
+from benches.peers import WORKERS, Ceiling, spin
 from pipeflow import _process, _zygote
 
 
@@ -52,12 +53,20 @@ def _own_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _serial(items: list[int]) -> float:
+    t0 = time.perf_counter()
+    for x in items:
+        spin(x)
+    return time.perf_counter() - t0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benches.w2check")
-    parser.add_argument("--quick", action="store_true", help="2,000 items, two pairs")
+    parser.add_argument("--quick", action="store_true", help="2,000 items, three rounds")
     args = parser.parse_args(argv)
-    n, pairs = (2_000, 2) if args.quick else (20_000, 5)
+    n, rounds = (2_000, 3) if args.quick else (20_000, 9)
     items = [100] * n
+    expected = [spin(100)] * n
     pipeline = pf.Pipeline().stage(spin, workers=WORKERS)
     _process.shutdown_idle()
     assert pipeline.run(items[:1000]) == [spin(x) for x in items[:1000]]  # warm workers
@@ -68,31 +77,49 @@ def main(argv: list[str] | None = None) -> int:
     out = pipeline.run(items)
     wall = time.perf_counter() - t0
     cpu, own = _cpu(workers) - cpu0, _own_cpu() - own0
-    assert out == [spin(x) for x in items[:1]] * n
+    assert out == expected
     print(
         f"Utilization: pipeflow's workers were busy **{cpu / (WORKERS * wall):.1%}** of "
         f"{WORKERS} x {wall:.2f} s (so {WORKERS * cpu / (WORKERS * wall):.2f}x one worker's "
         f"speed); the parent used {own / wall:.1%} of a core.\n"
     )
 
-    ratios = []
+    # Each round runs the three one right after the other, in a rotating order; a serial run of
+    # a tenth of the items brackets each round, for the speedups.
+    runs: dict[str, list[float]] = {"pipeflow": [], "Pool.map": [], "ceiling": []}
+    serial: list[float] = []
     with mp.get_context("forkserver").Pool(WORKERS) as pool:
         pool.map(spin, items[:1000])
-        for i in range(pairs):
-            t0 = time.perf_counter()
-            ours = pipeline.run(items)
-            a = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            theirs = pool.map(spin, items)
-            b = time.perf_counter() - t0
-            assert ours == theirs
-            ratios.append(b / a)
-            print(f"- pair {i + 1}: pipeflow {a:.2f} s, Pool.map {b:.2f} s: {b / a:.2f}x")
-    print(
-        f"\nAlternation: pipeflow vs `Pool.map` (forkserver, default chunks), both warm: median "
-        f"**{statistics.median(ratios):.2f}x** over {pairs} pairs "
-        f"(from {min(ratios):.2f}x to {max(ratios):.2f}x)"
-    )
+        run = {
+            "pipeflow": lambda: pipeline.run(items),
+            "Pool.map": lambda: pool.map(spin, items),
+            "ceiling": lambda: Ceiling().map(pool, spin, items),
+        }
+        for i in range(rounds):
+            order = list(run)[i % 3 :] + list(run)[: i % 3]
+            pace = _serial(items[: n // 10])
+            for name in order:
+                t0 = time.perf_counter()
+                out = list(run[name]())
+                runs[name].append(time.perf_counter() - t0)
+                assert out == expected, name
+            serial.append((pace + _serial(items[: n // 10])) / 2 * 10)
+            print(
+                f"- round {i + 1}: "
+                + ", ".join(
+                    f"{k} {v[-1]:.2f} s ({serial[-1] / v[-1]:.2f}x)" for k, v in runs.items()
+                )
+            )
+    print(f"\nAlternation over {rounds} rounds, all warm (speedup over serial in the same round):")
+    for name, times in runs.items():
+        speedups = [s / t for s, t in zip(serial, times, strict=True)]
+        print(f"- {name}: median speedup {statistics.median(speedups):.2f}x")
+    for a, b in (("pipeflow", "Pool.map"), ("pipeflow", "ceiling"), ("Pool.map", "ceiling")):
+        ratios = [tb / ta for ta, tb in zip(runs[a], runs[b], strict=True)]
+        print(
+            f"- {a} vs {b}: median **{statistics.median(ratios):.2f}x** "
+            f"(from {min(ratios):.2f}x to {max(ratios):.2f}x)"
+        )
     return 0
 
 
