@@ -195,7 +195,7 @@ def _start_process(
         except OSError as e:
             _warn_fallback(str(e))
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeflow._worker", *map(str, fds), str(tag)],
+        [sys.executable, "-m", "pipeflow._worker", *map(str, fds), str(tag), str(os.getpid())],
         pass_fds=fds,
         stdin=subprocess.DEVNULL,
     )

@@ -1,5 +1,5 @@
-"""The worker process: ``python -m pipeflow._worker IN_FD OUT_FD AT_FD ARENA_FD TAG`` (see
-``_process``).
+"""The worker process: ``python -m pipeflow._worker IN_FD OUT_FD AT_FD ARENA_FD TAG PARENT``
+(see ``_process``).
 
 It reads requests from the ring on IN_FD and writes replies to the ring on OUT_FD, one at a
 time: ``setup`` (the step's kind, function and init, cloudpickled), then ``batch`` requests, and
@@ -8,8 +8,8 @@ another ``setup`` when the parent reuses this warm worker for another step. Each
 the index of the item that raised). Before running each item it writes the item's index into the
 shared word on AT_FD, so that the parent can name the item if this process dies. Large buffers
 come and go through the parent's shared-memory arena on ARENA_FD (``_shm``); TAG names the
-blocks this process writes. It exits when the parent closes its input ring, or when the parent
-dies.
+blocks this process writes; PARENT is its parent's pid (this process's parent: the fork server
+for a forked worker). It exits when the parent closes its input ring, or when the parent dies.
 """
 
 from __future__ import annotations
@@ -60,11 +60,11 @@ def _input_index(batch: Batch, out: Batch, j: int) -> int | None:
 
 
 def _watch_parent(parent: int) -> None:
-    """Exits the process when the parent is gone (re-parented to another pid)."""
-    while True:
+    """Exits the process when the parent is gone (re-parented to another pid): at once if it
+    died before this process got here."""
+    while os.getppid() == parent:
         threading.Event().wait(PARENT_CHECK)
-        if os.getppid() != parent:
-            os._exit(70)
+    os._exit(70)
 
 
 def _setup(message: tuple[Any, ...]) -> tuple[Any, Any]:
@@ -116,7 +116,9 @@ def main(argv: list[str]) -> int:
     _shm.attach(int(argv[3]), int(argv[4]))
     for fd in argv[:4]:
         os.close(int(fd))
-    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    # The parent's pid comes from the parent: one that died before this process started has
+    # no pid of its own to compare with.
+    threading.Thread(target=_watch_parent, args=(int(argv[5]),), daemon=True).start()
     never = [False]  # the parent stops a worker by closing its ring, not between items
     fn: Any = None
     apply: Any = None

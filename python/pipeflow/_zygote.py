@@ -323,6 +323,7 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 def _serve(sock: socket.socket) -> int:
     import selectors
 
+    me = os.getpid()  # a child's parent (it may be gone before the child asks who that is)
     children: dict[int, int] = {}  # pidfd -> pid
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ)
@@ -353,7 +354,7 @@ def _serve(sock: socket.socket) -> int:
                 sock.close()
                 for other in children:
                     os.close(other)
-                _run_child(request, fds)  # never returns
+                _run_child(request, fds, me)  # never returns
             for fd in fds:
                 os.close(fd)
             pidfd = os.pidfd_open(pid)  # valid: only this process reaps it, and not yet
@@ -362,7 +363,7 @@ def _serve(sock: socket.socket) -> int:
             socket.send_fds(sock, [pickle.dumps(("forked", request[1], pid))], [pidfd])
 
 
-def _run_child(request: tuple[Any, ...], fds: list[int]) -> NoReturn:
+def _run_child(request: tuple[Any, ...], fds: list[int], parent: int) -> NoReturn:
     """Runs a forked worker to its end, then exits this process as a fresh interpreter would:
     the ``SystemExit`` unwinds the server's frames and the interpreter shuts down, dropping what
     the worker still holds (the references of shared-memory blocks stage code kept)."""
@@ -383,7 +384,7 @@ def _run_child(request: tuple[Any, ...], fds: list[int]) -> NoReturn:
             os.close(fds[5])
         from . import _worker
 
-        code = _worker.main([*map(str, fds[:4]), str(tag)])
+        code = _worker.main([*map(str, fds[:4]), str(tag), str(parent)])
     except SystemExit as e:
         code = 0 if e.code is None else e.code
     except BaseException:
