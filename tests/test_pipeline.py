@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -312,6 +313,56 @@ def test_batches_shrink_near_the_end_of_a_known_length(kind_: str) -> None:
     assert [st.chunk(n) for n in range(1, 4 * full)] == sorted(
         st.chunk(n) for n in range(1, 4 * full)
     )
+
+
+def test_a_process_steps_batches_grow_with_a_long_run_over_a_known_length(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Up to an eighth of the run so far, at most GROWN_SECONDS; and still shrinking at the end.
+    (step,) = pf.Pipeline().stage(inc, workers=2)._steps
+    st = _engine._StepState(step, 0, 0)
+    st.measure(0.1, 100, 0)  # 1 ms an item
+    base = round(_engine.CHUNK_SECONDS["process"] / 0.001)
+    clock = [st.started + 100.0]
+    monkeypatch.setattr(_engine, "perf_counter", lambda: clock[0])
+    assert st.chunk() == base  # a step that does not grow
+    st.grows = True
+    assert st.chunk() == round(_engine.GROWN_SECONDS / 0.001)
+    clock[0] = st.started + 1.0
+    assert st.chunk() == round(_engine.GROWTH * 1.0 / 0.001)
+    clock[0] = st.started + 0.01
+    assert st.chunk() == base  # never below the usual size
+    clock[0] = st.started + 100.0
+    assert st.chunk(40) == -(-40 // 4)  # the guided tail
+    assert st.quick()  # 1 ms items: a grown batch may still wait behind another
+
+
+@pytest.mark.parametrize(
+    ("kinds", "length", "grows"),
+    [
+        (("process",), True, [True]),
+        (("process",), False, [False]),
+        (("thread",), True, [False]),
+        (("process", "process"), True, [True, False]),  # after a step, the count is unknown
+    ],
+)
+def test_only_a_first_process_step_over_a_known_length_grows_its_batches(
+    monkeypatch: pytest.MonkeyPatch, kinds: tuple[str, ...], length: bool, grows: list[bool]
+) -> None:
+    seen: list[list[bool]] = []
+    collect = _engine.Run.collect
+
+    def spy(self: _engine.Run) -> Any:
+        seen.append([st.grows for st in self.states])
+        return collect(self)
+
+    monkeypatch.setattr(_engine.Run, "collect", spy)
+    p = pf.Pipeline()
+    for kind in kinds:
+        p = p.stage(inc, kind=kind)
+    items = list(range(10))
+    assert p.run(items if length else iter(items)) == [x + len(kinds) for x in items]
+    assert seen == [grows]
 
 
 def test_the_feeder_tells_the_first_step_how_many_items_are_left(

@@ -51,6 +51,12 @@ MAX_CHUNK = 8192  # the most items in one batch
 # cores the workers fill is taken from them: 40 ms keeps that near 1%. A thread step's batch
 # costs a few microseconds: 5 ms batches keep its workers balanced.
 CHUNK_SECONDS = {"thread": 0.005, "process": 0.04}
+# The first step of a pipeline whose input has a known length gets batches that shrink near its
+# end (see _StepState.chunk). If it is a process step, its batches grow with the run meanwhile,
+# to an eighth of the run's time so far, at most GROWN_SECONDS: a long run then costs the parent
+# fewer batches, each of whose wake-ups preempts a worker when the workers fill the cores.
+GROWTH = 1 / 8
+GROWN_SECONDS = 0.25
 TAIL_SECONDS = 0.002  # near the end of an input of known length, batches shrink to this
 CHUNK_BYTES = 1 << 20  # and whose items or results come to about this much (large ones go alone)
 SOURCE_HOLD = 0.005  # the feeder sends a partial batch once its first item waited this long
@@ -97,6 +103,8 @@ class _StepState:
         self._items = 0.0
         self._bytes = 0.0
         self.largest = 0  # the most items in a batch measured
+        self.grows = False  # do its batches grow with the run (see GROWTH)?
+        self.started = perf_counter()
         self.workers_left = step.workers
         # Per worker: [index in its batch of the item in hand or None, when it started, batch].
         self.slots: list[list[Any]] = [[None, 0.0, None] for _ in range(step.workers)]
@@ -116,7 +124,7 @@ class _StepState:
         if spi is None:
             return 1
         spi = max(spi, 1e-9)
-        by_time = int(CHUNK_SECONDS[self.step.kind] / spi)
+        by_time = int(self.seconds() / spi)
         by_size = int(CHUNK_BYTES / max(self._bytes / self._items, 1e-9))
         size = min(MAX_CHUNK, by_time, by_size)
         if remaining is not None and remaining > 0:
@@ -124,11 +132,20 @@ class _StepState:
             size = min(size, max(share, int(TAIL_SECONDS / spi)))
         return max(1, size)
 
+    def seconds(self) -> float:
+        """How long a batch for this step should take a worker now."""
+        seconds = CHUNK_SECONDS[self.step.kind]
+        if self.grows:
+            seconds = min(GROWN_SECONDS, max(seconds, (perf_counter() - self.started) * GROWTH))
+        return seconds
+
     def quick(self) -> bool:
-        """Whether a batch for this step is known to take at most ``QUEUE_SECONDS``: then one
-        may wait behind another in a worker process (it waits that long at most)."""
+        """Whether the step's items are known to take at most ``QUEUE_SECONDS`` each: then a
+        batch may wait behind another in a worker process. It waits ``QUEUE_SECONDS`` at most
+        (a batch of quick items takes ``CHUNK_SECONDS``), or ``GROWN_SECONDS`` in a long run over
+        an input of known length, whose batches shrink again near its end."""
         spi = self.seconds_per_item
-        return spi is not None and spi * self.chunk() <= QUEUE_SECONDS
+        return spi is not None and spi <= QUEUE_SECONDS
 
     def measure(self, seconds: float, items: int, nbytes: int = 0) -> None:
         """Takes the time a batch of ``items`` took, and how many bytes its items or its results
@@ -171,6 +188,7 @@ class Run:
         for i, step in enumerate(steps):
             st = _StepState(step, i, segment)
             st.may_skip = skips
+            st.grows = i == 0 and total is not None and step.kind == "process"
             self.states.append(st)
             skips = step.op != "batch" and (skips or step.op in ("filter", "flat_map"))
             if step.op == "batch":
