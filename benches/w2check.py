@@ -28,7 +28,7 @@ import time
 import psutil
 
 import pipeflow as pf
-from benches.peers import WORKERS, Ceiling, spin
+from benches.peers import WORKERS, Ceiling, _pace, spin
 from pipeflow import _process, _zygote
 
 
@@ -51,13 +51,6 @@ def _cpu(procs: list[psutil.Process]) -> float:
 def _own_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-def _serial(items: list[int]) -> float:
-    t0 = time.perf_counter()
-    for x in items:
-        spin(x)
-    return time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,13 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         }
         for i in range(rounds):
             order = list(run)[i % 3 :] + list(run)[: i % 3]
-            pace = _serial(items[: n // 10])
+            pace = _pace(spin, items[: n // 10])
             for name in order:
                 t0 = time.perf_counter()
                 out = list(run[name]())
                 runs[name].append(time.perf_counter() - t0)
                 assert out == expected, name
-            serial.append((pace + _serial(items[: n // 10])) / 2 * 10)
+            serial.append((pace + _pace(spin, items[: n // 10])) / 2 * n)
             print(
                 f"- round {i + 1}: "
                 + ", ".join(
