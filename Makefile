@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.deps-installed
 
-.PHONY: demo test test-rust test-loom test-python lint build bench clean
+.PHONY: demo test test-rust test-loom test-python lint build bench bench-build bench-smoke clean
 
 # The virtual environment with maturin; re-made when the dependency list changes.
 $(STAMP): pyproject.toml
@@ -24,7 +24,7 @@ build: $(STAMP)
 demo: build
 	$(PY) -m pipeflow demo
 
-test: build test-rust test-loom lint test-python
+test: build test-rust test-loom lint test-python bench-smoke
 
 test-rust:
 	cargo test --workspace --release
@@ -47,18 +47,22 @@ lint: build
 	$(PY) -m mypy.stubtest pipeflow._core
 
 # Benchmarks: pytest-benchmark suites, then the side-by-side comparison with the peers.
-bench: $(STAMP)
+BENCHES := compare transport processes w2check memory faults startup arrays
+
+# The extension with the peers of the comparison (the `bench` extra) beside the dev tools.
+bench-build: $(STAMP)
 	$(VENV)/bin/maturin develop --release --quiet --extras dev,bench
 	$(PY) -m compileall -q python/pipeflow
+
+bench: bench-build
 	$(PY) -m pytest benches -q --benchmark-enable -p no:cacheprovider
-	$(PY) -m benches.compare
-	$(PY) -m benches.transport
-	$(PY) -m benches.processes
-	$(PY) -m benches.w2check
-	$(PY) -m benches.memory
-	$(PY) -m benches.faults
-	$(PY) -m benches.startup
-	$(PY) -m benches.arrays
+	set -e; for b in $(BENCHES); do $(PY) -m benches.$$b; done
+
+# Every benchmark once, small (`--quick`), so that the harness itself keeps working: a smoke
+# run, not a measurement (no figure is checked; a bench that fails or hangs fails the target).
+bench-smoke: bench-build
+	$(PY) -m pytest benches -q -p no:cacheprovider
+	set -e; for b in $(BENCHES); do timeout 600 $(PY) -m benches.$$b --quick >/dev/null; done
 
 clean:
 	rm -rf $(VENV) target
