@@ -295,6 +295,46 @@ CTRL_C_CHANNEL_CHILD = """
 """
 
 
+TERMINAL_CTRL_C_CHILD = """
+    import time, pipeflow as pf
+    from pipeflow import _process
+    def slow(x):
+        time.sleep(0.5)
+        return x
+    print(pf.Pipeline().stage(abs, workers=3).run(range(-3, 3)), flush=True)  # 3 warm workers
+    print("ready", flush=True)
+    try:
+        pf.Pipeline().stage(slow, workers=1).run(range(20))
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+    time.sleep(0.5)
+    print("idle", [w.proc.poll() for w in _process._idle], flush=True)
+    print(pf.Pipeline().stage(abs, workers=3).run(range(-3, 3)), flush=True)
+"""
+
+
+def test_ctrl_c_at_a_terminal_leaves_idle_worker_processes_warm_and_quiet() -> None:
+    # A terminal's Ctrl-C signals the whole process group: the workers too, not only the parent.
+    # The parent stops the run; the workers leave that to it (no traceback from each of them),
+    # and the idle ones stay warm for the next run.
+    child = subprocess.Popen(
+        [sys.executable, "-c", _SIGINT_DEFAULT + textwrap.dedent(TERMINAL_CTRL_C_CHILD)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "[3, 2, 1, 0, 1, 2]"
+    assert child.stdout.readline().strip() == "ready"
+    time.sleep(0.8)
+    os.killpg(child.pid, signal.SIGINT)
+    out, err = child.communicate(timeout=30)
+    assert child.returncode == 0, err
+    assert out.splitlines() == ["interrupted", "idle [None, None]", "[3, 2, 1, 0, 1, 2]"], err
+    assert "Traceback" not in err, err
+
+
 @pytest.mark.parametrize(
     "code",
     [

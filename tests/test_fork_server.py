@@ -204,16 +204,24 @@ def test_without_a_fork_server_workers_start_as_fresh_interpreters(
 ) -> None:
     _process.shutdown_idle()
     _zygote.shutdown()
+    entry = _zygote._ENTRY
     monkeypatch.setattr(_zygote, "_ENTRY", "import sys; sys.exit(3)")  # a server that cannot start
     monkeypatch.setattr(_zygote, "_failed", None)
     monkeypatch.setattr(_process, "_fallback_warned", False)
     with pytest.warns(RuntimeWarning, match="fork server did not start.*fresh interpreters"):
         assert set(pf.Pipeline().stage(parent_of, workers=2).run(range(4))) == {os.getpid()}
-    # Said once; and no second attempt at a server that failed.
+    # Said once; and no second attempt at a server that failed, for a while.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert set(pf.Pipeline().stage(parent_of, workers=3).run(range(6))) == {os.getpid()}
     assert _zygote.server_pid() is None
+    # Once it can start again, a later attempt (RETRY_AFTER on) uses it.
+    _process.shutdown_idle()
+    assert _zygote._failed is not None
+    monkeypatch.setattr(_zygote, "_ENTRY", entry)
+    monkeypatch.setattr(_zygote, "RETRY_AFTER", 0.0)
+    assert set(pf.Pipeline().stage(parent_of, workers=2).run(range(4))) == {_zygote.server_pid()}
+    assert _zygote._failed is None
 
 
 def test_workers_are_watched_also_through_fds_above_1024() -> None:

@@ -6,7 +6,9 @@ no child process is left).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import time
 
@@ -233,9 +235,18 @@ def test_values_between_adjacent_process_stages_are_not_unpickled_in_the_parent(
     # timeout= keeps batches at one item in both stages, so no batch is re-cut in the parent.
     p = pf.Pipeline().stage(_make, workers=2, timeout=60).stage(_use, workers=2, timeout=60)
     assert p.run(items) == [2 * x for x in range(20)]
-    # Through a thread stage the parent must unpickle them: this object says so.
-    with pytest.raises(RuntimeError, match="unpickled in the parent"):
+    # Through a thread stage the parent must unpickle them: this object says so, and the error
+    # names the stage that made them, and where in the input its batch began.
+    with pytest.raises(RuntimeError, match="unpickled in the parent") as info:
         pf.Pipeline().stage(_make).stage(_use, kind="thread").run(items)
+    assert re.search(
+        r"the results of stage 0 \('_make', process worker \d\) \(a batch of \d+ item\(s\) "
+        r"from input item \d+\) could not be unpickled in the parent",
+        info.value.__notes__[0],
+    )
+    with pytest.raises(RuntimeError, match="unpickled in the parent") as info:
+        pf.Pipeline().stage(_make).run(items)  # read by the caller
+    assert "the results of stage 0 ('_make', process worker" in info.value.__notes__[0]
 
 
 def test_a_message_paused_between_frames_is_not_torn() -> None:
@@ -439,3 +450,131 @@ def test_a_worker_running_an_importable_function_never_imports_cloudpickle(
 def test_results_that_need_cloudpickle_still_cross() -> None:
     adders = pf.Pipeline().stage(make_adder).run([1, 2, 3])
     assert [add(10) for add in adders] == [11, 12, 13]  # type: ignore[operator]
+
+
+def _dies_once_at(arg: tuple[int, str, frozenset[int]]) -> int:
+    import pathlib
+
+    x, folder, fatal = arg
+    marker = pathlib.Path(folder, f"died-{x}")
+    if x in fatal and not marker.exists():
+        marker.write_text("1")
+        os._exit(1)
+    return x
+
+
+def test_each_item_of_a_batch_has_its_own_crash_retries(tmp_path: object) -> None:
+    # Quick items go thousands to a batch: three of one batch each take a worker down once.
+    # Each is retried once, as retries=1 promises per item: not once for the whole batch.
+    fatal = frozenset({5000, 5001, 5002})
+    items = [(x, str(tmp_path), fatal) for x in range(10_000)]
+    got = pf.Pipeline().stage(_dies_once_at, workers=2, retries=1).run(items)
+    assert got == list(range(10_000))
+
+
+def _always_dies_at_7(arg: tuple[int, str]) -> int:
+    import pathlib
+
+    x, folder = arg
+    if x == 7:
+        with pathlib.Path(folder, "attempts").open("a") as f:
+            f.write("x")
+        os._exit(2)
+    return x
+
+
+def test_an_item_that_always_crashes_fails_after_its_retries(tmp_path: object) -> None:
+    import pathlib
+
+    items = [(x, str(tmp_path)) for x in range(20)]
+    with pytest.raises(pf.WorkerCrashed, match=r"exited with code 2 .*input item 7"):
+        pf.Pipeline().stage(_always_dies_at_7, workers=2, retries=2).run(items)
+    assert pathlib.Path(str(tmp_path), "attempts").read_text() == "xxx"
+
+
+def _two_each(x: int) -> list[int]:
+    return [x, x]
+
+
+def _sleep_04(x: int) -> int:
+    time.sleep(0.4)
+    return x
+
+
+def test_a_timed_process_stage_gets_one_item_a_batch_from_a_process_stage() -> None:
+    # The flat_map's output comes back from its worker as one encoded batch of two items. The
+    # timed stage must not take both under one clock: 0.8 s against timeout=0.7 would fail.
+    p = pf.Pipeline().flat_map(_two_each).stage(_sleep_04, workers=2, timeout=0.7)
+    assert p.run(range(2)) == [0, 0, 1, 1]
+
+
+def _slow_init() -> str:
+    time.sleep(1.0)
+    return "loaded"
+
+
+def _state_of(x: int) -> str:
+    return f"{pf.worker_state()} {x}"
+
+
+def test_init_has_no_time_limit_only_the_start_up_has(monkeypatch: pytest.MonkeyPatch) -> None:
+    # START_TIMEOUT bounds how long a new worker takes to read its setup, not its init (loading
+    # a model may take minutes).
+    from pipeflow import _process
+
+    monkeypatch.setattr(_process, "START_TIMEOUT", 0.3)
+    p = pf.Pipeline().stage(_state_of, init=_slow_init, workers=1)
+    assert p.run(range(2)) == ["loaded 0", "loaded 1"]
+
+
+def _failing_init() -> None:
+    time.sleep(0.2)  # the parent is pushing the first request by then
+    raise ValueError("cannot load the model")
+
+
+def _init_dies_once(folder: str) -> None:
+    import pathlib
+
+    marker = pathlib.Path(folder, "init")
+    time.sleep(0.2)
+    if not marker.exists():
+        marker.write_text("1")
+        os._exit(9)
+
+
+def test_a_worker_that_ends_while_a_large_request_waits_for_room(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: object
+) -> None:
+    # A request larger than the ring (as when the arena is full) waits for the worker to read.
+    # The worker ends meanwhile: what it answered first (its init's error) is what is raised,
+    # and a crash is retried like any other.
+    import functools
+
+    monkeypatch.setattr(_shm, "BIG_PICKLE", 1 << 40)
+    big = [bytes(2 << 20)]
+    with pytest.raises(ValueError, match="cannot load the model"):
+        pf.Pipeline().stage(len, init=_failing_init).run(big)
+    init = functools.partial(_init_dies_once, str(tmp_path))
+    assert pf.Pipeline().stage(len, init=init, retries=1).run(big) == [2 << 20]
+
+
+def _inner_dies(x: int) -> int:
+    os._exit(1)
+
+
+def _outer_keeps_its_array(x: int) -> tuple[float, float, bool]:
+    mine = pf.empty(100_000)  # in the arena, this worker's block
+    mine[:] = x
+    with contextlib.suppress(pf.WorkerCrashed):
+        # A pipeline of its own, whose worker dies and is stopped: that frees what the inner
+        # worker was writing, and nothing of this one's.
+        pf.Pipeline().stage(_inner_dies).run(range(1))
+    other = pf.empty(100_000)
+    other[:] = -1.0
+    shared = other.__array_interface__["data"][0] == mine.__array_interface__["data"][0]
+    return float(mine.min()), float(mine.max()), shared
+
+
+def test_a_worker_running_a_pipeline_of_its_own_keeps_its_shared_memory() -> None:
+    out = pf.Pipeline().stage(_outer_keeps_its_array, workers=1).run([5, 6])
+    assert out == [(5.0, 5.0, False), (6.0, 6.0, False)]

@@ -219,6 +219,9 @@ class Arena:
         (a fresh page of shared memory costs a fault and zeroing); 0 returns them at once."""
     def trim(self) -> None:
         """Returns the pages of every free block to the OS."""
+    def new_tag(self) -> int:
+        """A new owner tag for a writer process, unique among every process that maps this
+        arena (never 0, the creator's)."""
     def reclaim(self, owner: int) -> int:
         """Frees the unshared blocks of a dead process tagged ``owner``; returns how many."""
     def stats(self) -> dict[str, int]:

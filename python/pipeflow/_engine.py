@@ -118,8 +118,8 @@ class _StepState:
         scheduling: each takes at most a ``2 * workers``-th of what is left."""
         if self.step.op == "batch":
             return MAX_CHUNK
-        if self.step.kind == "process" and self.step.timeout is not None:
-            return 1  # a worker process is timed per batch: one item each
+        if self.one_by_one:
+            return 1
         spi = self.seconds_per_item
         if spi is None:
             return 1
@@ -131,6 +131,12 @@ class _StepState:
             share = -(-remaining // (2 * self.step.workers))
             size = min(size, max(share, int(TAIL_SECONDS / spi)))
         return max(1, size)
+
+    @property
+    def one_by_one(self) -> bool:
+        """A process step with a per-item ``timeout`` takes batches of one item: its worker
+        process is timed per batch."""
+        return self.step.kind == "process" and self.step.timeout is not None
 
     def seconds(self) -> float:
         """How long a batch for this step should take a worker now."""
@@ -363,11 +369,14 @@ class Run:
     def _send_chunks(self, index: int, batch: Batch) -> bool:
         """Sends ``batch`` into ``channels[index]`` in pieces sized for its step."""
         ch = self.channels[index]
-        size = self.states[index].chunk() if index < len(self.states) else MAX_CHUNK
+        st = self.states[index] if index < len(self.states) else None
+        size = st.chunk() if st is not None else MAX_CHUNK
         n = len(batch)
         # An encoded batch (a process step's output) goes on whole up to twice the size: cutting
         # it would cost an unpickle and two pickles here, more than a batch a little too large.
-        fits = n <= (2 * size if batch.encoded_now else size)
+        # Not to a step that takes one item a batch.
+        loose = batch.encoded_now and (st is None or not st.one_by_one)
+        fits = n <= (2 * size if loose else size)
         try:
             if fits:
                 if n:
@@ -935,6 +944,7 @@ class _ProcessRunner:
         self._worker: WorkerProcess | None = None
         self._starting: WorkerProcess | None = None
         self._busy = False  # counted in _shm.busy(): freed blocks kept for reuse meanwhile
+        self._dead = False  # the worker died while a request was being sent (see send)
 
     @property
     def worker(self) -> WorkerProcess:
@@ -965,24 +975,37 @@ class _ProcessRunner:
     encode = staticmethod(WorkerProcess.encode)
 
     def send(self, request: bytes) -> None:
+        """Queues a request for the worker. A worker that dies meanwhile (a large request waits
+        for room in its ring) is not reported here: the request counts as sent, and
+        :meth:`receive` finds the death, where ``retries`` apply, after it has read what the
+        worker answered before it died (the exception its ``init`` raised, say)."""
         self.busy += 1
-        self.worker.send(request)
+        if self._dead:
+            return
+        try:
+            self.worker.send(request)
+        except WorkerCrashed:
+            self._dead = True
 
     def receive(self, pending: deque[_Pending], slot: list[Any]) -> tuple[Batch, int, float]:
         """The output of the oldest batch in flight, ``pending[0]``: see
-        :meth:`WorkerProcess.receive`."""
-        attempt = 0
+        :meth:`WorkerProcess.receive`. A crash or a timeout replaces the worker and sends the
+        batches in flight again, until one item has taken a worker down more than ``retries``
+        times (each item has its own count: in a large batch, several may fail once each)."""
+        downs: dict[Key | None, int] = {}  # per item of the batch (None: between items)
         while True:
+            batch = pending[0].batch
             try:
-                batch = pending[0].batch
                 out = self.worker.receive(batch, self.st.step.timeout, slot, self._namer(batch))
             except (WorkerCrashed, WorkerTimeout):  # not a TimeoutError the step raised
-                if attempt >= self.st.step.retries or self.stopping():
+                key = None if slot[0] is None else batch.key(slot[0])
+                downs[key] = downs.get(key, 0) + 1
+                if downs[key] > self.st.step.retries or self.stopping():
                     raise
-                attempt += 1
                 self.worker.stop()
                 self._worker = None
                 self._worker = self._start()
+                self._dead = False
                 self.busy = 0
                 for p in pending:
                     self.send(p.request)
@@ -993,6 +1016,8 @@ class _ProcessRunner:
                 self.busy -= 1  # an exception in the step: the worker answered, and goes on
                 raise
             self.busy -= 1
+            first = self.position(self.st.segment, batch.key(0))
+            out[0].came_from(f"{self.label} (a batch of {len(batch)} item(s) from {first})")
             return out
 
     def _namer(self, batch: Batch) -> Callable[[int], str]:

@@ -63,7 +63,7 @@ class Batch:
     buffers are in shared-memory blocks (``_shm``), which it holds until it is unpickled.
     """
 
-    __slots__ = ("_blocks", "_count", "_payload", "_values", "keys")
+    __slots__ = ("_blocks", "_count", "_origin", "_payload", "_values", "keys")
 
     def __init__(self, keys: int | list[Key], values: list[Any]) -> None:
         self.keys = keys
@@ -71,10 +71,15 @@ class Batch:
         self._payload: bytes | None = None
         self._blocks: list[Block] = []
         self._count = len(values)
+        self._origin: str | None = None
 
     @classmethod
     def encoded(
-        cls, keys: int | list[Key], payload: bytes, count: int, blocks: list[Block] | None = None
+        cls,
+        keys: int | list[Key],
+        payload: bytes,
+        count: int,
+        blocks: list[Block] | None = None,
     ) -> Batch:
         """A batch of ``count`` values, pickled in ``payload``, their large buffers in
         ``blocks`` (see :meth:`encode`)."""
@@ -84,7 +89,14 @@ class Batch:
         batch._payload = payload
         batch._blocks = blocks or []
         batch._count = count
+        batch._origin = None
         return batch
+
+    def came_from(self, origin: str) -> None:
+        """Says where the values come from, for the error if they do not unpickle where they
+        are read. (A string, not a function to make one: a batch waits in channels, which the
+        garbage collector does not look into, so what it holds must not lead back to the run.)"""
+        self._origin = origin
 
     @property
     def encoded_now(self) -> bool:
@@ -102,7 +114,15 @@ class Batch:
     def values(self) -> list[Any]:
         """The values (unpickled on first use, for a batch made by :meth:`encoded`)."""
         if self._values is None:
-            self._values = _shm.loads(self._payload, self._blocks)  # type: ignore[arg-type]
+            try:
+                self._values = _shm.loads(self._payload, self._blocks)  # type: ignore[arg-type]
+            except Exception as e:
+                origin = self._origin or "a worker process"
+                e.add_note(
+                    f"pipeflow: the results of {origin} could not be unpickled in the parent "
+                    "process (is their class importable here?)"
+                )
+                raise
             self._payload = None
             self._blocks = []  # the arrays that need them hold them now
         return self._values

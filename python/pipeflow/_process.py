@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import itertools
 import os
 import pickle
 import signal
@@ -72,7 +71,12 @@ RING_BYTES = 512 << 10
 QUEUE_BYTES = RING_BYTES // 4
 _MORE, _LAST = b"\x01", b"\x00"
 POLL = 0.05  # how often a waiting parent looks at the worker process
+# For a new worker to read its first setup (an interpreter's start). Loading the step after that
+# (unpickling the function, which may import heavy modules, and running ``init``) has no limit.
 START_TIMEOUT = 60.0
+# The shared word's values when the worker holds no item (else: the item's index in its batch).
+RECEIVING = -1  # waiting for a request, or reading one
+LOADING = -2  # loading a step: its function and init
 
 
 class _ClosedRing:
@@ -253,7 +257,9 @@ class WorkerProcess:
         """Starts a worker and loads the step; ``attach(self)`` is called first, so that the
         caller can :meth:`interrupt` a start in progress. ``confirm``: see :meth:`setup`."""
         method = start_method()
-        self.tag = next(_tags)  # names the shared-memory blocks this worker writes
+        # Names the blocks this worker writes in the arena: unique among every process on it
+        # (a worker that runs a pipeline of its own starts workers on the same arena).
+        self.tag = _shm.arena().new_tag()
         try:
             self.proc = _start_process(method, self._new_channels(), self.tag)
         except _zygote.Abandoned as e:
@@ -275,7 +281,7 @@ class WorkerProcess:
         # The index in its batch of the item the worker runs: -1 before the first, the batch's
         # length after the last. Read only after the worker died.
         self.at = Word()
-        self.at[0] = -1
+        self.at[0] = RECEIVING
         return [self.to_child.fd, self.from_child.fd, self.at.fd, _shm.arena().fd]
 
     def setup(
@@ -318,7 +324,9 @@ class WorkerProcess:
             return
         self.unconfirmed = False
         try:
-            reply = self._wait_reply(START_TIMEOUT, what=lambda: "starting")
+            reply = self._wait_reply(
+                START_TIMEOUT, what=self._starting, until_read=lambda: self.at[0] == RECEIVING
+            )
             if reply[0] != "ready":
                 self._raise_remote(reply)
         except BaseException:
@@ -413,7 +421,20 @@ class WorkerProcess:
             return f"sending the results of a batch of {n} item(s)"
         return f"receiving a batch of {n} item(s)"
 
-    def _wait_reply(self, timeout: float | None, what: Callable[[], str]) -> Any:
+    def _starting(self) -> str:
+        if self.at[0] == LOADING:
+            return "loading the step (unpickling its function, running its init)"
+        return "starting"
+
+    def _wait_reply(
+        self,
+        timeout: float | None,
+        what: Callable[[], str],
+        until_read: Callable[[], bool] | None = None,
+    ) -> Any:
+        """The worker's next reply. Past ``timeout``, the worker is killed (``WorkerTimeout``);
+        with ``until_read``, only while ``until_read()`` holds: the timeout stops counting once
+        the worker has read the request (it then loads the step, for as long as that takes)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         parts: list[bytes] = []  # a reply's frames so far: a slow writer may pause mid-reply
         while True:
@@ -432,7 +453,13 @@ class WorkerProcess:
                 with contextlib.suppress(TimeoutError, ChannelClosed):
                     return recv_message(self.from_child, 0, parts)
             self._check_alive(what)
+            if deadline is not None and until_read is not None and not until_read():
+                deadline = None  # read: no limit from now on
             if deadline is not None and time.monotonic() >= deadline:
+                # A reply that came since the wait above (the worker read the request, and
+                # answered, in between) is taken, not lost to a kill.
+                with contextlib.suppress(TimeoutError, ChannelClosed):
+                    return recv_message(self.from_child, 0, parts)
                 self.kill()
                 raise WorkerTimeout(
                     f"{self.label}: no reply within timeout={timeout} s while {what()}; "
@@ -492,7 +519,6 @@ class WorkerProcess:
 # ---------------------------------------------------------------------------- the warm set
 
 MAX_IDLE = max(2, 2 * (os.cpu_count() or 1))
-_tags = itertools.count(1)  # 0 is the parent's
 _idle: list[WorkerProcess] = []
 _idle_lock = threading.Lock()
 

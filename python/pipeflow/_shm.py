@@ -154,8 +154,12 @@ _busy = 0
 def busy() -> None:
     """A process stage's worker starts work: freed blocks stay resident (up to
     :data:`CACHE_BYTES`) so that the next ones reuse their pages instead of faulting in fresh
-    ones (6 ms for 4 MiB of fresh shared memory here, against 0.5 ms to reuse resident pages)."""
+    ones (6 ms for 4 MiB of fresh shared memory here, against 0.5 ms to reuse resident pages).
+    Only the arena's creator sets its cache: in a worker process that runs a pipeline of its
+    own (on its parent's arena), this does nothing, and :func:`idle` does not trim."""
     global _busy
+    if _owner != 0:
+        return
     a = arena()
     with _lock:
         _busy += 1
@@ -167,6 +171,8 @@ def idle() -> None:
     """The end of :func:`busy`; when no worker is busy, every freed block's pages go back to
     the OS, and later frees return theirs at once."""
     global _busy
+    if _owner != 0:
+        return
     with _lock:
         _busy -= 1
         if _busy == 0 and _arena is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import sys
 import threading
 import traceback
@@ -26,7 +27,7 @@ from . import _shm
 from ._core import Ring, Word
 from ._errors import ChannelClosed
 from ._ordering import Batch
-from ._process import first_unpicklable, recv_message, send_message
+from ._process import LOADING, RECEIVING, first_unpicklable, recv_message, send_message
 
 PARENT_CHECK = 1.0
 
@@ -110,7 +111,15 @@ def _answer(
     return ("done", out.keys, len(out), payload, n, descs, lent_back, perf_counter() - since)
 
 
+def _ignore_interrupt(_signum: int, _frame: Any) -> None:
+    """SIGINT's handler in a worker: a terminal's Ctrl-C reaches the whole process group, and
+    is the parent's to handle (it stops the run, killing the workers that hold items; idle ones
+    stay warm). A handler, not ``SIG_IGN``, so that programs the stage code starts get the
+    default back at ``exec`` (Ctrl-C reaches them as it would without pipeflow)."""
+
+
 def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGINT, _ignore_interrupt)
     inbox, outbox = Ring.open(int(argv[0])), Ring.open(int(argv[1]))
     at = Word.open(int(argv[2]))
     _shm.attach(int(argv[3]), int(argv[4]))
@@ -124,7 +133,7 @@ def main(argv: list[str]) -> int:
     apply: Any = None
     try:
         while True:
-            at[0] = -1  # "receiving": a crash now is not any item's
+            at[0] = RECEIVING  # a crash now is not any item's
             blocks: list[Any] = []
             batch: Batch | None = None
             try:
@@ -144,6 +153,7 @@ def main(argv: list[str]) -> int:
                 send_message(outbox, _error_reply(e))
                 continue
             if message[0] == "setup":  # the first request, and again when a warm worker is reused
+                at[0] = LOADING  # read: the parent's start-up timeout stops counting
                 try:
                     fn, apply = _setup(message)
                 except BaseException as e:

@@ -14,7 +14,7 @@ forking it is safe, and serves one parent process over a ``socketpair``::
 
 The request carries the parent's environment, working directory, stdout and stderr at that
 moment, so a forked worker sees what a worker started by ``subprocess`` then would. The server
-ignores SIGINT (Ctrl-C is the parent's to handle; its children get Python's default handler back)
+ignores SIGINT (Ctrl-C is the parent's to handle; its workers ignore it too: see ``_worker``)
 and exits when the parent does: the socket then reads end-of-file. A worker whose server is gone
 exits on its own within a second (its parent changed: see ``_worker``).
 
@@ -261,7 +261,11 @@ def _is_open(fd: int) -> bool:
 
 
 _server: _Server | None = None
-_failed: str | None = None  # why the server could not start, if it could not
+# Why the server could not start, and when: no new attempt for RETRY_AFTER seconds (workers start
+# as fresh interpreters meanwhile), so that a passing failure (no fds left, a machine too loaded
+# to start it in time) does not last as long as the process.
+_failed: tuple[str, float] | None = None
+RETRY_AFTER = 30.0
 _server_lock = threading.Lock()
 
 
@@ -278,13 +282,14 @@ def server() -> _Server:
             _server.close()
             _server = None
         if _server is None:
-            if _failed is not None:  # it could not start: it would not now either
-                raise OSError(_failed)
+            if _failed is not None and time.monotonic() - _failed[1] < RETRY_AFTER:
+                raise OSError(_failed[0])  # it could not start a moment ago
             try:
                 _server = _Server()
             except OSError as e:
-                _failed = str(e)
+                _failed = (str(e), time.monotonic())
                 raise
+            _failed = None
         return _server
 
 
@@ -370,7 +375,6 @@ def _run_child(request: tuple[Any, ...], fds: list[int], parent: int) -> NoRetur
     code: Any = 1
     try:
         _, _id, tag, env, cwd, with_std = request
-        signal.signal(signal.SIGINT, signal.default_int_handler)
         os.environ.clear()
         os.environ.update(env)
         with contextlib.suppress(OSError):

@@ -172,6 +172,11 @@ impl PyArena {
         py.detach(move || inner.trim());
     }
 
+    /// A new owner tag for a writer process, unique among all that map this arena (never 0).
+    fn new_tag(&self) -> u32 {
+        self.inner.new_tag()
+    }
+
     /// Frees the blocks a dead process was writing (its `owner` tag); returns how many.
     fn reclaim(&self, py: Python<'_>, owner: u32) -> usize {
         let inner = Arc::clone(&self.inner);

@@ -71,6 +71,8 @@ struct Header {
     lock: libc::pthread_mutex_t,
     // How many bytes of freed blocks may stay resident for reuse (see `set_cache_limit`).
     cache_limit: AtomicU64,
+    // The next owner tag to hand out (see `new_tag`); 0 is the creator's and is never handed out.
+    next_tag: AtomicU32,
 }
 
 #[repr(C)]
@@ -428,6 +430,24 @@ impl Arena {
         h.cache_limit.store(bytes, Ordering::Relaxed);
     }
 
+    /// A new owner tag, unique among every process that maps this arena: the tag a new writer
+    /// (a worker process) allocates its blocks with, so that `reclaim` after its death frees only
+    /// its blocks, also when workers start workers of their own (a nested pipeline). Never 0,
+    /// the creator's tag.
+    pub fn new_tag(&self) -> u32 {
+        // SAFETY: the header lives as long as the mapping; the field is only used atomically.
+        let h = unsafe { &*self.region.as_ptr().cast::<Header>() };
+        loop {
+            // Relaxed: the read-modify-write alone makes each tag unique; no other memory is
+            // published through the counter. It starts at 0 in a fresh memfd (zero-filled), and
+            // 0 is skipped, also after the counter wraps.
+            let tag = h.next_tag.fetch_add(1, Ordering::Relaxed);
+            if tag != 0 {
+                return tag;
+            }
+        }
+    }
+
     /// Returns the pages of every free block to the OS (the cache emptied).
     pub fn trim(&self) {
         if let Some(mut locked) = self.lock() {
@@ -783,6 +803,27 @@ mod tests {
         assert_eq!(b.start, a.start);
         assert!(all(&arena, &b, 0));
         assert!(arena.check(&a).is_err(), "a stale descriptor stays stale");
+    }
+
+    #[test]
+    fn tags_are_unique_across_every_mapping_and_never_the_creators() {
+        let arena = Arena::create(4 * PAGE, 4).unwrap();
+        let other = Arena::open(arena.fd().try_clone_to_owned().unwrap()).unwrap();
+        let tags: Vec<u32> = (0..6)
+            .map(|i| {
+                if i % 2 == 0 {
+                    arena.new_tag()
+                } else {
+                    other.new_tag()
+                }
+            })
+            .collect();
+        assert_eq!(tags, vec![1, 2, 3, 4, 5, 6]);
+        // After a wrap, 0 (the creator's) is skipped.
+        // SAFETY: the header is at the start of the mapping; the field is used atomically.
+        let h = unsafe { &*arena.region.as_ptr().cast::<Header>() };
+        h.next_tag.store(u32::MAX, Ordering::Relaxed);
+        assert_eq!((other.new_tag(), arena.new_tag()), (u32::MAX, 1));
     }
 
     #[test]
