@@ -86,7 +86,7 @@ def test_error_in_flat_map_child_names_the_output(kind: str) -> None:
     p = pf.Pipeline(kind=kind).flat_map(lambda x: [x * 100 + i for i in range(3)]).stage(fail)  # type: ignore[arg-type]
     with pytest.raises(ValueError) as info:
         p.run(range(3))
-    assert "input item 1 (flat_map output 2 of 3)" in info.value.__notes__[-1]
+    assert "input item 1 (flat_map output 3 of 3)" in info.value.__notes__[-1]
 
 
 def test_error_from_the_input_iterable(kind: str) -> None:

@@ -360,7 +360,8 @@ class Run:
             batcher = [s for s in self.states if s.step.op == "batch"][segment - 1]
             text = f"batch {top} of step {batcher.index} ({batcher.step.name!r})"
         if isinstance(key, tuple):
-            path = ", ".join(f"{key[j]} of {key[j + 1]}" for j in range(1, len(key), 2))
+            # "N of M" counts from 1, as "2 of a batch of 5" does; "input item 7" is an index.
+            path = ", ".join(f"{key[j] + 1} of {key[j + 1]}" for j in range(1, len(key), 2))
             text += f" (flat_map output {path})"
         return text
 
