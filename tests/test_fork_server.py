@@ -279,3 +279,11 @@ def test_a_fork_request_left_unanswered_stops_the_server_and_uses_new_rings(
         ]
 
     assert wait_until(lambda: not orphans(), timeout=5), orphans()
+
+
+def test_an_exit_notice_that_comes_too_late_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    server = _zygote.server()
+    monkeypatch.setattr(_zygote, "NOTICE_TIMEOUT", 0.0)
+    assert server.exit_code(4_000_000) == _zygote.UNKNOWN_EXIT  # no notice in time
+    server._file(("exit", 4_000_000, 0))  # it comes after all: nobody waits for it any more
+    assert 4_000_000 not in server._exits and 4_000_000 not in server._late

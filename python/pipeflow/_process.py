@@ -225,7 +225,10 @@ def _warn_fallback(why: str) -> None:
 
 def _describe_exit(code: int) -> str:
     if code == _zygote.UNKNOWN_EXIT:
-        return "ended, with an exit status nobody could read (the fork server that started it died)"
+        return (
+            "ended, with an exit status nobody could read (the fork server that started it "
+            "died, or did not relay it within 5 s)"
+        )
     if code < 0:
         try:
             name = signal.Signals(-code).name

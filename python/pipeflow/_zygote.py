@@ -135,6 +135,7 @@ class _Server:
         self._reading = False  # a thread reads the socket (with the condition released)
         self._forked: dict[int, tuple[Any, ...]] = {}  # request id -> its answer
         self._exits: dict[int, int] = {}  # pid -> exit code, relayed by the server
+        self._late: set[int] = set()  # pids whose notice did not come in time (see exit_code)
         self._ids = itertools.count()
         self._ready: tuple[Any, ...] | None = None
         try:
@@ -182,6 +183,8 @@ class _Server:
         """The exit code of a child whose pidfd said it ended: the server reaps it at once."""
         self._pump(lambda: pid in self._exits or not self.alive, NOTICE_TIMEOUT)
         with self._cond:
+            if pid not in self._exits:
+                self._late.add(pid)  # its notice, if it ever comes, is dropped
             return self._exits.pop(pid, UNKNOWN_EXIT)
 
     def _pump(self, done: Any, timeout: float) -> None:
@@ -233,7 +236,10 @@ class _Server:
         elif kind == "error":
             self._forked[message[1]] = ("error", message[2])
         elif kind == "exit":
-            self._exits[message[1]] = message[2]
+            if message[1] in self._late:
+                self._late.discard(message[1])
+            else:
+                self._exits[message[1]] = message[2]
 
     def _gone(self) -> None:
         with self._cond:
