@@ -589,3 +589,61 @@ def test_unpicklable_items_and_results_are_reported(kind: str) -> None:
     notes = "".join(info.value.__notes__)
     assert "result of this batch could not be pickled" in notes
     assert "input item 4000" in notes
+
+
+def test_results_collected_as_garbage_on_one_of_the_runs_own_threads_stop_the_run() -> None:
+    # Results dropped in a reference cycle are finalized by the garbage collector, on whichever
+    # thread collects: here one of the run's own workers. It must not wait for itself.
+    import gc
+    import itertools
+
+    collect = threading.Event()
+
+    def work(x: int) -> int:
+        if collect.is_set():
+            gc.collect()  # finalizes the dropped results on this very thread
+        time.sleep(0.001)
+        return x
+
+    gc.disable()  # the main thread must not collect first
+    try:
+        results = pf.Pipeline(kind="thread").stage(work, workers=2).iter(itertools.count())
+        next(results)
+        holder: dict[str, object] = {"results": results}
+        holder["self"] = holder  # a cycle: only the collector can free it
+        del results, holder
+        collect.set()
+        pool = pf._pool.default_pool()
+        deadline = time.monotonic() + 10
+        while pool.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pool.running == 0, "the run did not stop"
+    finally:
+        gc.enable()
+
+
+CTRL_C_IN_A_WITH_BLOCK = """
+    import time, pipeflow as pf
+    def slow(x):
+        if x > 0:
+            time.sleep(6)
+        return x
+    t0 = None
+    try:
+        with pf.Pipeline(kind="thread").stage(slow, workers=2).iter(range(4)) as results:
+            next(results)
+            print("ready", flush=True)
+            t0 = time.monotonic()
+            time.sleep(30)  # the caller's own work: Ctrl-C lands here, not inside next()
+    except KeyboardInterrupt:
+        print("interrupted", round(time.monotonic() - t0, 1), flush=True)
+"""
+
+
+@pytest.mark.leaky  # the child's items finish in its background; the child itself exits
+def test_ctrl_c_in_a_with_block_does_not_wait_for_the_items_in_hand() -> None:
+    child, _ = _interrupt_child(CTRL_C_IN_A_WITH_BLOCK, 0.2)
+    out, err = child.communicate(timeout=60)
+    words = out.split()
+    assert words[:1] == ["interrupted"], err
+    assert float(words[1]) < 3.0, out  # not the 6 s of the items in hand

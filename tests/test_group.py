@@ -191,3 +191,21 @@ def test_context_is_done_after_a_successful_wait_and_the_group_still_runs_tasks(
     assert g.context.cancelled  # as errgroup.WithContext after Wait
     assert g.go(lambda: 7).result(timeout=5) == 7
     g.wait()
+
+
+def test_tasks_started_after_the_parent_context_is_cancelled_do_not_pass_for_done() -> None:
+    ran: list[int] = []
+    parent = pf.Context()
+    with pytest.raises(pf.Cancelled, match="shutdown"), pf.Group(context=parent) as g:
+        g.go(ran.append, 1).result()
+        parent.cancel("shutdown")
+        skipped = g.go(ran.append, 2)
+    assert ran == [1]
+    assert isinstance(skipped.exception(), pf.Cancelled)
+
+
+def test_the_background_context_cannot_be_cancelled() -> None:
+    with pytest.raises(RuntimeError, match="background context cannot be cancelled"):
+        pf.current_context().cancel("oops")
+    assert not pf.current_context().cancelled
+    assert pf.Pipeline(kind="thread").stage(abs).run([-1, 2]) == [1, 2]

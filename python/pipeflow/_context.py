@@ -96,7 +96,16 @@ class Context:
         return self.cancelled and self._expired
 
     def cancel(self, reason: str = "cancelled") -> bool:
-        """Cancels this context and its children. Returns True if this call cancelled it."""
+        """Cancels this context and its children. Returns True if this call cancelled it.
+
+        The background context (what :func:`current_context` gives outside any run, group or
+        ``with ctx:``) cannot be cancelled, as Go's ``context.Background()`` cannot: every
+        later run and group derives from it."""
+        if self is _BACKGROUND:
+            raise RuntimeError(
+                "the background context cannot be cancelled (every later run and group would "
+                "start cancelled); make a pipeflow.Context() of your own and run under it"
+            )
         return self._cancel(reason, expired=False)
 
     def _cancel(self, reason: str, expired: bool) -> bool:

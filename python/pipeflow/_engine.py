@@ -25,6 +25,7 @@ re-raises the error after every task has finished. The caller also supervises: e
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import itertools
 import operator
@@ -211,6 +212,7 @@ class Run:
         self._tasks_cond = threading.Condition()
         self._running: set[int] = set()
         self._abandoned: set[int] = set()
+        self._task_threads: dict[int, int] = {}  # running task -> the thread it runs on
         self._ids = itertools.count()
         self._feeder_id = -1
         self._in_source = False  # the feeder is inside the input's next()
@@ -290,11 +292,13 @@ class Run:
             self._running.add(task_id)
 
         def task() -> None:
+            self._task_threads[task_id] = threading.get_ident()
             try:
                 task_vars.run(self._in_context, fn, *args)
             finally:
                 with self._tasks_cond:
                     self._running.discard(task_id)
+                    del self._task_threads[task_id]
                     self._tasks_cond.notify_all()
 
         try:
@@ -670,13 +674,20 @@ class Run:
                 # Closed (or failed) while the caller was inside the list yielded last: what it
                 # had not taken of it is dropped, so a closed Results gives nothing more.
                 released.clear()
-            if not finished or self._error is not None:
-                self.ctx.cancel("the caller stopped consuming results")
-            # Ctrl-C and a passed deadline must not wait for items in hand: threads cannot be
-            # killed, so those finish in the background (and find every channel closed).
-            self._join(ABANDON_GRACE if interrupted or self.ctx.expired else None)
-            if bar is not None:
-                bar.close()
+            if threading.get_ident() in self._task_threads.values():
+                # The garbage collector finalizes this generator (results dropped in a reference
+                # cycle) on one of the run's own threads, in the middle of its work: it must not
+                # wait for itself, nor take the run's locks, which it may hold. Another thread
+                # stops the run; its tasks finish on their own.
+                default_pool().submit(lambda: self.ctx.cancel("the results were dropped"))
+            else:
+                if not finished or self._error is not None:
+                    self.ctx.cancel("the caller stopped consuming results")
+                # Ctrl-C and a passed deadline must not wait for items in hand: threads cannot
+                # be killed, so those finish in the background (and find every channel closed).
+                self._join(ABANDON_GRACE if interrupted or self.ctx.expired else None)
+                if bar is not None:
+                    bar.close()
         if self._error is not None:
             raise self._error
         if self.ctx.cancelled and self._stopped:
@@ -749,7 +760,12 @@ class Results(itertools.chain):  # type: ignore[type-arg]
     def __enter__(self) -> Results:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            # Ctrl-C in the block's body stops the run as Ctrl-C inside next() does: without
+            # waiting for the items in hand (they finish in the background).
+            with contextlib.suppress(KeyboardInterrupt, StopIteration):
+                self._released.throw(KeyboardInterrupt())
         self.close()
 
 
@@ -764,9 +780,9 @@ def _apply_map(
         if value is SKIP:
             out.append(SKIP)
             continue
-        slot[0] = i
-        if timed:
+        if timed:  # the start first: the supervisor never pairs this item with an older one's
             slot[1] = perf_counter()
+        slot[0] = i
         out.append(fn(value))
         n += 1
     return Batch(batch.keys, out), n
@@ -796,9 +812,9 @@ def _apply_filter(
         if stop[0]:
             break
         if value is not SKIP:
-            slot[0] = i
-            if timed:
+            if timed:  # the start first: the supervisor never pairs this item with an older one's
                 slot[1] = perf_counter()
+            slot[0] = i
             if not fn(value):
                 value = SKIP
             n += 1
@@ -821,9 +837,9 @@ def _apply_flat_map(
             keys.append(key)
             out.append(SKIP)
             continue
-        slot[0] = i
-        if timed:
+        if timed:  # the start first: the supervisor never pairs this item with an older one's
             slot[1] = perf_counter()
+        slot[0] = i
         values = list(fn(value))
         n += 1
         if len(values) == 1:

@@ -8,6 +8,8 @@ After Go's ``golang.org/x/sync/errgroup``. What the caller sees, by design:
 - Later exceptions are not lost: they are kept in :attr:`Group.errors` and summarised in a note on
   the first one.
 - Once the group has failed, ``go`` starts nothing more: it returns a task already cancelled.
+  So it does once its context was cancelled from outside (the parent's); :meth:`Group.wait`
+  then raises that cancellation, so that tasks that never ran are not taken for done.
 - Ctrl-C while waiting cancels the context and propagates at once (threads cannot be killed;
   tasks that check the context stop soon after).
 """
@@ -124,9 +126,14 @@ class Group:
     def _start(self, fn: Callable[..., T], args: Any, kwargs: Any) -> Task[T]:
         task: Task[T] = Task(getattr(fn, "__qualname__", repr(fn)))
         if self._ctx.cancelled and not self._done_ok:
-            task._error = self._ctx.error()
+            task._error = error = self._ctx.error()
             task._done.set()
             self._release()
+            with self._cond:
+                if not self._errors:
+                    # Cancelled from outside (the parent context), not by a failed task: this
+                    # task does not run, and wait() must say so rather than return as if it had.
+                    self._errors.append(error)
             return task
         with self._cond:
             self._pending += 1
