@@ -647,3 +647,28 @@ def test_ctrl_c_in_a_with_block_does_not_wait_for_the_items_in_hand() -> None:
     words = out.split()
     assert words[:1] == ["interrupted"], err
     assert float(words[1]) < 3.0, out  # not the 6 s of the items in hand
+
+
+def test_a_task_that_gets_no_thread_fails_the_run_instead_of_hanging(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The pool refuses a job when the OS refuses the thread it needs (tested in Rust): the run
+    # must fail with that error, and stop the tasks that did start.
+    from pipeflow import _engine
+
+    real = pf._pool.default_pool()
+
+    class Refusing:
+        def __init__(self) -> None:
+            self.submitted = 0
+
+        def submit(self, func: object) -> None:
+            self.submitted += 1
+            if self.submitted > 3:
+                raise RuntimeError("pipeflow could not start a thread for a task (test)")
+            real.submit(func)
+
+    refusing = Refusing()
+    monkeypatch.setattr(_engine, "default_pool", lambda: refusing)
+    with pytest.raises(RuntimeError, match="could not start a thread"):
+        pf.Pipeline(kind="thread").stage(abs, workers=4).stage(abs, workers=4).run(range(100))

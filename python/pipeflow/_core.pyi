@@ -72,7 +72,9 @@ class Pool:
 
     def __new__(cls, max_threads: int = 1024, keep_alive: float = 10.0) -> Pool: ...
     def submit(self, func: Callable[[], object]) -> None:
-        """Runs ``func()`` on a pool thread; its exceptions go to ``sys.unraisablehook``."""
+        """Runs ``func()`` on a pool thread; its exceptions go to ``sys.unraisablehook``.
+        Raises ``RuntimeError`` if the pool is shut down, or if ``func`` needed a new thread
+        and the OS refused one (``func`` then never runs)."""
     def shutdown(self, timeout: float | None = None) -> bool:
         """Stops accepting jobs, runs the queued ones, waits for the threads; True if all
         exited within ``timeout`` s."""

@@ -32,4 +32,4 @@ pub use channel::{
     select_recv, Channel, RecvError, SelectError, SendError, TryRecvError, TrySendError,
 };
 #[cfg(not(loom))]
-pub use pool::{Job, Pool, PoolStats};
+pub use pool::{Job, Pool, PoolStats, SpawnError};

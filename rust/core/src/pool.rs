@@ -10,12 +10,15 @@
 //! Threads are started on demand, when a job is posted and no worker is idle, up to `max_threads`,
 //! and retire after `keep_alive` without work. That makes the pool safe for long blocking tasks
 //! (a pipeline stage worker that waits on a channel for its whole life): a posted job never waits
-//! for a blocked one unless `max_threads` are all busy. A panicking job is caught and reported on
+//! for a blocked one unless `max_threads` are all busy. If the OS refuses the thread a job needs
+//! (no idle worker to take it), [`Pool::try_spawn`] takes the job back and says so, rather than
+//! leave it queued behind jobs that may wait for it. A panicking job is caught and reported on
 //! stderr; its thread goes on.
 
 use std::cell::RefCell;
+use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -28,6 +31,20 @@ use crate::sync::lock;
 
 /// A unit of work for the pool.
 pub type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// Why [`Pool::try_spawn`] did not take a job (the job is dropped, never run).
+#[derive(Debug)]
+pub enum SpawnError {
+    /// The pool is shutting down.
+    ShutDown,
+    /// No worker was idle, and the OS refused a new thread.
+    NoThread(io::Error),
+}
+
+// A job's claim, decided once: the thread that runs it, or `try_spawn` taking it back.
+const QUEUED: u8 = 0;
+const TAKEN: u8 = 1;
+const REVOKED: u8 = 2;
 
 /// A snapshot of the pool's counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +72,9 @@ struct Shared {
     handles: Mutex<Vec<JoinHandle<()>>>,
     /// Set in a forked child: the pool must never be touched or dropped there.
     abandoned: AtomicBool,
+    /// Tests: how many more thread starts fail (as when the OS is out of threads or memory).
+    #[cfg(test)]
+    failing_starts: AtomicUsize,
 }
 
 thread_local! {
@@ -80,17 +100,42 @@ impl Pool {
                 running: AtomicUsize::new(0),
                 handles: Mutex::new(Vec::new()),
                 abandoned: AtomicBool::new(false),
+                #[cfg(test)]
+                failing_starts: AtomicUsize::new(0),
             }),
         }
     }
 
     /// Runs `job` on the pool. From a task of this pool it goes to the worker's own deque.
-    /// Returns false (and drops the job) if the pool is shutting down.
+    /// Returns false (and drops the job) if the pool is shutting down, or if the job needed a
+    /// new thread and none could be started (see [`Pool::try_spawn`]).
     pub fn spawn(&self, job: Job) -> bool {
+        self.try_spawn(job).is_ok()
+    }
+
+    /// [`Pool::spawn`], saying why a job was not taken. A job is taken back when no worker was
+    /// idle and a new thread could not be started: left queued, it would wait for a running job
+    /// to end, and a pipeline's jobs wait for each other (a stage worker for its input).
+    pub fn try_spawn(&self, job: Job) -> Result<(), SpawnError> {
         if self.is_abandoned() || !self.shared.spawning.begin_send() {
-            return false;
+            return Err(SpawnError::ShutDown);
         }
         let _in_flight = InFlight(&self.shared.spawning);
+        let claim = Arc::new(AtomicU8::new(QUEUED));
+        let job: Job = {
+            let claim = Arc::clone(&claim);
+            Box::new(move || {
+                // Relaxed: the claim only picks one winner between this thread and a revoking
+                // `try_spawn`; the job itself reached this thread through the deque, which
+                // synchronizes. A revoked job is dropped here without running.
+                if claim
+                    .compare_exchange(QUEUED, TAKEN, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    job();
+                }
+            })
+        };
         let id = Arc::as_ptr(&self.shared) as usize;
         let job = LOCAL.with(|l| match &*l.borrow() {
             Some((pool, local)) if *pool == id => {
@@ -103,12 +148,20 @@ impl Pool {
             self.shared.injector.push(job);
         }
         if self.shared.sleep.job_posted() == Posted::Spawn {
-            self.start_thread();
+            if let Err(e) = self.start_thread() {
+                // Unless a worker that came free took it meanwhile, take it back.
+                if claim
+                    .compare_exchange(QUEUED, REVOKED, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    return Err(SpawnError::NoThread(e));
+                }
+            }
         }
-        true
+        Ok(())
     }
 
-    fn start_thread(&self) {
+    fn start_thread(&self) -> io::Result<()> {
         let local = Worker::new_lifo();
         let slot = {
             let mut st = self
@@ -128,20 +181,38 @@ impl Pool {
             }
         };
         let shared = Arc::clone(&self.shared);
-        let started = thread::Builder::new()
-            .name(format!("pipeflow-pool-{slot}"))
-            .spawn(move || worker_main(shared, local, slot));
+        #[cfg(test)]
+        let refused = self
+            .shared
+            .failing_starts
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        #[cfg(not(test))]
+        let refused = false;
+        let started = if refused {
+            Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "refused by the test (as when the OS is out of threads)",
+            ))
+        } else {
+            thread::Builder::new()
+                .name(format!("pipeflow-pool-{slot}"))
+                .spawn(move || worker_main(shared, local, slot))
+        };
         let mut handles = lock(&self.shared.handles);
         handles.retain(|h| !h.is_finished());
         match started {
-            Ok(h) => handles.push(h),
+            Ok(h) => {
+                handles.push(h);
+                Ok(())
+            }
             Err(e) => {
-                eprintln!("pipeflow: could not start a pool thread: {e}");
                 self.shared
                     .stealers
                     .write()
                     .unwrap_or_else(|p| p.into_inner())[slot] = None;
                 self.shared.sleep.spawn_failed();
+                Err(e)
             }
         }
     }
@@ -419,6 +490,34 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         pool.spawn(Box::new(move || tx.send(1).unwrap()));
         assert_eq!(rx.recv().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_job_that_gets_no_thread_is_taken_back_not_left_queued() {
+        let pool = Pool::new(4, Duration::from_secs(1));
+        let (hold_tx, hold_rx) = mpsc::channel::<()>();
+        let (started_tx, started_rx) = mpsc::channel();
+        // One worker, busy until told: the next job needs a new thread.
+        assert!(pool.spawn(Box::new(move || {
+            started_tx.send(()).unwrap();
+            hold_rx.recv().unwrap();
+        })));
+        started_rx.recv().unwrap();
+        pool.shared.failing_starts.store(1, Ordering::Relaxed);
+        let ran = Arc::new(AtomicBool::new(false));
+        let ran2 = Arc::clone(&ran);
+        let refused = pool.try_spawn(Box::new(move || ran2.store(true, Ordering::SeqCst)));
+        assert!(matches!(refused, Err(SpawnError::NoThread(_))));
+        // The busy worker comes free: the job it might find in the queue must not run.
+        hold_tx.send(()).unwrap();
+        let (tx, rx) = mpsc::channel();
+        assert!(pool
+            .try_spawn(Box::new(move || tx.send(()).unwrap()))
+            .is_ok());
+        rx.recv().unwrap();
+        assert!(pool.shutdown(Duration::from_secs(5)));
+        assert!(!ran.load(Ordering::SeqCst));
+        assert_eq!(pool.stats().threads, 0);
     }
 
     #[test]

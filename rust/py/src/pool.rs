@@ -6,7 +6,7 @@ use std::time::Duration;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 
-use pipeflow_core::Pool;
+use pipeflow_core::{Pool, SpawnError};
 
 use crate::blocking::{deadline, wait, Slice};
 use crate::errors::bad_argument;
@@ -45,12 +45,15 @@ impl PyPool {
                 drop(func);
             })
         });
-        if self.inner.spawn(job) {
-            Ok(())
-        } else {
-            Err(PyRuntimeError::new_err(
+        match self.inner.try_spawn(job) {
+            Ok(()) => Ok(()),
+            Err(SpawnError::ShutDown) => Err(PyRuntimeError::new_err(
                 "the pipeflow pool is shut down; create a new Pool",
-            ))
+            )),
+            Err(SpawnError::NoThread(e)) => Err(PyRuntimeError::new_err(format!(
+                "pipeflow could not start a thread for a task ({e}): the system's limit on \
+                 threads or memory is reached; use fewer workers, or raise the limit"
+            ))),
         }
     }
 
