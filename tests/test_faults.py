@@ -672,3 +672,54 @@ def test_a_task_that_gets_no_thread_fails_the_run_instead_of_hanging(
     monkeypatch.setattr(_engine, "default_pool", lambda: refusing)
     with pytest.raises(RuntimeError, match="could not start a thread"):
         pf.Pipeline(kind="thread").stage(abs, workers=4).stage(abs, workers=4).run(range(100))
+
+
+def test_a_stopped_run_takes_nothing_more_from_an_input_of_unknown_length() -> None:
+    # An event queue with other readers: once the run is closed, the items put in afterwards
+    # are left to them (but the one its reader was already waiting for).
+    import queue
+
+    q: queue.Queue[int] = queue.Queue()
+    taken: list[int] = []
+
+    def events() -> object:
+        while True:
+            item = q.get()
+            taken.append(item)
+            yield item
+
+    for i in range(300):  # a fast burst first: the reader then asks for many items at a time
+        q.put(i)
+    results = pf.Pipeline(kind="thread").stage(abs, workers=2).iter(events())  # type: ignore[arg-type]
+    for r in results:
+        if r == 299:
+            break
+    results.close()
+    for i in range(1000, 1040):
+        q.put(i)
+        time.sleep(0.005)
+    assert [t for t in taken if t >= 1000] == [1000]
+    assert q.qsize() == 39
+
+
+EXIT_WITH_A_BLOCKED_INPUT = """
+    import queue, pipeflow as pf
+    q = queue.Queue()
+    def events():
+        while True:
+            yield q.get()
+    for i in range(10):
+        q.put(i)
+    for r in pf.Pipeline(kind="thread").stage(abs).iter(events()):
+        if r == 9:
+            break
+    print("left the loop", flush=True)
+"""
+
+
+def test_exit_does_not_wait_for_a_stopped_runs_input_blocked_in_next() -> None:
+    child = _run_child(EXIT_WITH_A_BLOCKED_INPUT)
+    out, err = child.communicate(timeout=30)  # it used to wait for next() for good
+    assert child.returncode == 0, err
+    assert out.strip() == "left the loop"
+    assert "waiting at exit" not in err

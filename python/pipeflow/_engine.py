@@ -30,6 +30,7 @@ import contextvars
 import itertools
 import operator
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from time import perf_counter
@@ -167,6 +168,23 @@ class _StepState:
             self.seconds_per_item = self._seconds / self._items
 
 
+def _until_stopped(source: Iterator[Any], stop: list[bool]) -> Iterator[Any]:
+    """``source``, ending as soon as ``stop[0]`` is set: no ``next()`` after a stop."""
+    for value in source:
+        yield value
+        if stop[0]:
+            return
+
+
+_live_runs: weakref.WeakSet[Run] = weakref.WeakSet()
+
+
+def stalled_feeders() -> int:
+    """How many stopped runs have their input reader blocked inside the input's ``next()``: it
+    returns when the input yields, maybe never (the interpreter's exit does not wait for it)."""
+    return sum(1 for run in list(_live_runs) if run._stopped and run._in_source)
+
+
 class Run:
     """One run of a pipeline. :meth:`results` is the caller's side: a generator."""
 
@@ -185,7 +203,10 @@ class Run:
                 f"this pipeline needs {tasks} threads at once (its thread workers, plus one), "
                 f"more than the pool's {_pool.MAX_THREADS}; use fewer workers"
             )
-        self.source = source
+        self._stop_flag = [False]  # read by the per-item loops: a stop lands between items
+        # An input of unknown length may be an event queue with other readers: once the run
+        # stops, no item more is taken from it. (One of known length is read at C speed.)
+        self.source = source if total is not None else _until_stopped(source, self._stop_flag)
         self.total = total
         self.progress = progress
         self.ctx = Context(timeout=timeout, parent=context or current_context())
@@ -208,7 +229,6 @@ class Run:
         self._lock = threading.Lock()
         self._error: BaseException | None = None
         self._stopped = False
-        self._stop_flag = [False]  # read by the per-item loops: a stop lands between items
         self._tasks_cond = threading.Condition()
         self._running: set[int] = set()
         self._abandoned: set[int] = set()
@@ -276,6 +296,7 @@ class Run:
             runner.interrupt()
 
     def _start(self) -> None:
+        _live_runs.add(self)
         self.ctx._on_cancel(self._abort)
         self._feeder_id = self._submit(self._feed)
         for st in self.states:

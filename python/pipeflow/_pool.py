@@ -11,6 +11,7 @@ import atexit
 import os
 import sys
 import threading
+import time
 
 from ._core import Pool
 
@@ -18,7 +19,8 @@ __all__ = ["default_pool", "shutdown_default_pool"]
 
 MAX_THREADS = 1024
 KEEP_ALIVE = 10.0
-EXIT_GRACE = 5.0
+EXIT_GRACE = 5.0  # then a message says what the exit waits for
+EXIT_SLICE = 0.1
 
 _lock = threading.Lock()
 _pool: Pool | None = None
@@ -60,21 +62,30 @@ def _at_exit() -> None:
     interpreter while it finalizes would abort the process. Runs and groups that derive from the
     background context (all but those given a root ``Context`` of their own) are cancelled first,
     so their workers stop at the next item; code that ignores cancellation is waited for, as
-    ``concurrent.futures`` waits for its threads."""
+    ``concurrent.futures`` waits for its threads. Not waited for: a stopped run's input reader
+    blocked in the input's ``next()``, which may never return."""
     from ._context import _BACKGROUND
+    from ._engine import stalled_feeders
 
     _BACKGROUND._cancel("the interpreter is exiting", expired=False)
     pool = _pool
-    if pool is None or pool.shutdown(EXIT_GRACE):
+    if pool is None:
         return
-    print(
-        f"pipeflow: waiting at exit for {pool.running} task(s) still running on the pool "
-        "(threads cannot be killed; stage code can stop early with "
-        "pipeflow.current_context().raise_if_cancelled())",
-        file=sys.stderr,
-        flush=True,
-    )
-    pool.shutdown(None)
+    warn_at: float | None = time.monotonic() + EXIT_GRACE
+    while not pool.shutdown(EXIT_SLICE):
+        # Not waited for: a stopped run's input reader blocked in the input's next(). That may
+        # never return (an event queue nobody feeds any more), and the exit would hang for good.
+        if pool.running <= stalled_feeders():
+            return
+        if warn_at is not None and time.monotonic() >= warn_at:
+            warn_at = None
+            print(
+                f"pipeflow: waiting at exit for {pool.running} task(s) still running on the "
+                "pool (threads cannot be killed; stage code can stop early with "
+                "pipeflow.current_context().raise_if_cancelled())",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
