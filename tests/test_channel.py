@@ -231,10 +231,24 @@ def test_select_needs_a_channel() -> None:
         pf.select([])
 
 
-@pytest.mark.parametrize("bad", [-1, -100, pf.Channel.MAX_CAPACITY + 1, 2**62])
+@pytest.mark.parametrize("bad", [-1, -100, pf.Channel.MAX_CAPACITY + 1, 2**62, 2**70])
 def test_out_of_range_capacity_is_rejected(bad: int) -> None:
     with pytest.raises(ValueError, match="capacity must be from 0"):
         pf.Channel(bad)
+
+
+@pytest.mark.parametrize("bad", [True, 1.5, "3"])
+def test_a_capacity_that_is_not_an_int_is_rejected(bad: object) -> None:
+    with pytest.raises(TypeError, match="capacity must be an int"):
+        pf.Channel(bad)  # type: ignore[arg-type]
+
+
+def test_a_bad_send_timeout_is_an_error_also_when_the_send_would_not_wait() -> None:
+    ch = pf.Channel(1)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="timeout"):
+            ch.send(1, timeout=bad)
+    assert len(ch) == 0  # nothing was sent
 
 
 def test_select_gives_every_ready_channel_its_turn() -> None:

@@ -20,11 +20,14 @@ P = pf.Pipeline(kind="thread")
         ({"workers": 1.5}, TypeError, "workers must be an int"),
         ({"workers": True}, TypeError, "workers must be an int"),
         ({"kind": "fiber"}, ValueError, "kind must be 'thread' or 'process'"),
+        ({"kind": ""}, ValueError, "kind must be 'thread' or 'process'"),
+        ({"kind": 0}, ValueError, "kind must be 'thread' or 'process'"),
         ({"capacity": -1}, ValueError, "capacity must be >= 0"),
         ({"capacity": 2**62}, ValueError, "capacity must be <= "),
         ({"ordered": "yes"}, TypeError, "ordered must be True or False"),
         ({"init": 3}, TypeError, "init must be a callable"),
         ({"timeout": 0}, ValueError, "timeout must be seconds > 0"),
+        ({"timeout": "5"}, TypeError, "timeout must be a number of seconds"),
         ({"retries": -1}, ValueError, "retries must be >= 0"),
         ({"name": 5}, TypeError, "name must be a str"),
     ],
@@ -69,6 +72,7 @@ def test_non_iterable_items() -> None:
     ("kwargs", "error", "match"),
     [
         ({"timeout": -1}, ValueError, "timeout must be seconds > 0"),
+        ({"timeout": "5"}, TypeError, "timeout must be a number of seconds"),
         ({"context": "ctx"}, TypeError, "context must be a pipeflow.Context"),
         ({"backend": "dask"}, ValueError, "backend must be None or 'local'"),
         ({"progress": "yes"}, TypeError, "progress must be True or False"),
@@ -106,3 +110,8 @@ def test_more_thread_workers_than_the_pool_can_hold() -> None:
 def test_misspelt_option_is_named() -> None:
     with pytest.raises(TypeError, match=r"unexpected option\(s\) worker; valid: workers"):
         P.stage(abs, worker=4)  # type: ignore[call-arg]
+
+
+def test_a_context_timeout_must_be_a_number() -> None:
+    with pytest.raises(TypeError, match="timeout must be a number of seconds"):
+        pf.Context(timeout="5")  # type: ignore[arg-type]

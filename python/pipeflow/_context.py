@@ -44,6 +44,10 @@ class Context:
     _parent: Context | None
 
     def __init__(self, timeout: float | None = None, parent: Context | None = None) -> None:
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float)
+        ):
+            raise TypeError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
         if timeout is not None and not (timeout >= 0):
             raise ValueError(f"timeout must be seconds >= 0 or None, got {timeout!r}")
         if parent is not None and not isinstance(parent, Context):

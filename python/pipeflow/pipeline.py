@@ -114,7 +114,8 @@ class Pipeline:
             raise TypeError(f"{op}() got unexpected option(s) {', '.join(unknown)}; valid: {valid}")
         workers = options.get("workers", 1)
         _check_int("workers", workers, minimum=1)
-        kind = options.get("kind") or self._kind
+        kind = options.get("kind")
+        kind = self._kind if kind is None else kind
         _check_kind(kind)
         capacity = options.get("capacity")
         if capacity is not None:
@@ -128,8 +129,7 @@ class Pipeline:
         if init is not None and not callable(init):
             raise TypeError(f"init must be a callable taking no arguments, got {init!r}")
         timeout = options.get("timeout")
-        if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
-            raise ValueError(f"timeout must be seconds > 0 or None, got {timeout!r}")
+        _check_seconds("timeout", timeout)
         retries = options.get("retries", 0)
         _check_int("retries", retries, minimum=0)
         name = options.get("name")
@@ -286,8 +286,7 @@ class Pipeline:
         _check_bool("progress", progress)
         if context is not None and not isinstance(context, Context):
             raise TypeError(f"context must be a pipeflow.Context, got {type(context).__name__}")
-        if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
-            raise ValueError(f"timeout must be seconds > 0 or None, got {timeout!r}")
+        _check_seconds("timeout", timeout)
         if backend not in _BACKENDS:
             raise ValueError(
                 f"backend must be None or 'local' (the Dask backend is not available yet), "
@@ -354,6 +353,16 @@ def _check_int(what: str, value: object, *, minimum: int) -> None:
         raise TypeError(f"{what} must be an int >= {minimum}, got {value!r}")
     if value < minimum:
         raise ValueError(f"{what} must be >= {minimum}, got {value}")
+
+
+def _check_seconds(what: str, value: object) -> None:
+    """None, or a number of seconds > 0."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{what} must be a number of seconds > 0 or None, got {value!r}")
+    if not value > 0:
+        raise ValueError(f"{what} must be seconds > 0 or None, got {value!r}")
 
 
 def _check_bool(what: str, value: object) -> None:

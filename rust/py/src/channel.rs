@@ -1,6 +1,8 @@
 //! `pipeflow.Channel` and `pipeflow.select`: the core channel holding Python objects.
 
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyInt};
 
 use pipeflow_core::{
     select_recv, Channel, RecvError, SelectError, SendError, TryRecvError, TrySendError,
@@ -22,8 +24,9 @@ impl PyChannel {
     const MAX_CAPACITY: usize = 1 << 20;
 
     #[new]
-    #[pyo3(signature = (capacity = 0))]
-    fn new(capacity: i64) -> PyResult<Self> {
+    #[pyo3(signature = (capacity = Capacity(0)), text_signature = "(capacity=0)")]
+    fn new(capacity: Capacity) -> PyResult<Self> {
+        let capacity = capacity.0;
         let capacity = usize::try_from(capacity)
             .ok()
             .filter(|&c| c <= Self::MAX_CAPACITY)
@@ -54,12 +57,13 @@ impl PyChannel {
 
     #[pyo3(signature = (item, timeout = None))]
     fn send(&self, py: Python<'_>, item: Py<PyAny>, timeout: Option<f64>) -> PyResult<()> {
+        // Checked first: a bad timeout is an error also when the send would not wait.
+        let until = deadline(timeout)?;
         let item = match self.inner.try_send(item) {
             Ok(()) => return Ok(()),
             Err(TrySendError::Closed(_)) => return Err(send_on_closed(py)),
             Err(TrySendError::Full(item)) => item,
         };
-        let until = deadline(timeout)?;
         let ch = &self.inner;
         let sent = wait(py, until, item, |item, until| {
             match ch.send(item, Some(until)) {
@@ -186,5 +190,29 @@ pub fn select(
         Ok(Ok(hit)) => Ok(hit),
         Ok(Err(())) => Err(channel_closed(py, "every channel is closed and drained")),
         Err(()) => Err(timed_out("select timed out: no channel was ready")),
+    }
+}
+
+/// A channel's capacity as given: an int (not a bool); one too large for an i64 is kept as -1,
+/// out of range like any negative one.
+struct Capacity(i64);
+
+impl<'py> FromPyObject<'_, 'py> for Capacity {
+    type Error = PyErr;
+
+    fn extract(ob: Borrowed<'_, 'py, PyAny>) -> PyResult<Self> {
+        if !ob.is_instance_of::<PyBool>() {
+            if let Ok(c) = ob.extract::<i64>() {
+                return Ok(Capacity(c));
+            }
+            if ob.is_instance_of::<PyInt>() {
+                return Ok(Capacity(-1));
+            }
+        }
+        Err(PyTypeError::new_err(format!(
+            "capacity must be an int from 0 (a rendezvous channel) to {}, got {}",
+            PyChannel::MAX_CAPACITY,
+            ob.repr().map_or_else(|_| "?".into(), |r| r.to_string())
+        )))
     }
 }
