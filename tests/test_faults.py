@@ -723,3 +723,26 @@ def test_exit_does_not_wait_for_a_stopped_runs_input_blocked_in_next() -> None:
     assert child.returncode == 0, err
     assert out.strip() == "left the loop"
     assert "waiting at exit" not in err
+
+
+PIPELINE_IN_A_LATE_ATEXIT_HANDLER = """
+    import atexit
+    def late():
+        import pipeflow as pf
+        try:
+            pf.Pipeline(kind="thread").stage(abs).run([-1])
+        except RuntimeError as e:
+            print("refused:", e, flush=True)
+    atexit.register(late)  # registered before pipeflow's own: runs after it
+    import pipeflow as pf
+    print(pf.Pipeline(kind="thread").stage(abs).run([-2]), flush=True)
+"""
+
+
+def test_a_pipeline_after_pipeflow_shut_down_at_exit_says_why() -> None:
+    child = _run_child(PIPELINE_IN_A_LATE_ATEXIT_HANDLER)
+    out, err = child.communicate(timeout=30)
+    assert child.returncode == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "[2]"
+    assert lines[1].startswith("refused: pipeflow cannot run now: the interpreter is exiting")

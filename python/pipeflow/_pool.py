@@ -24,6 +24,7 @@ EXIT_SLICE = 0.1
 
 _lock = threading.Lock()
 _pool: Pool | None = None
+_exited = False  # set by _at_exit: no new pool after it
 
 
 def default_pool() -> Pool:
@@ -32,6 +33,12 @@ def default_pool() -> Pool:
     pool = _pool
     if pool is None:
         with _lock:
+            if _exited:
+                raise RuntimeError(
+                    "pipeflow cannot run now: the interpreter is exiting and pipeflow has shut "
+                    "down (an atexit handler registered before pipeflow was imported runs after "
+                    "pipeflow's); run pipelines before exit, or import pipeflow first"
+                )
             if _pool is None:
                 _pool = Pool(max_threads=MAX_THREADS, keep_alive=KEEP_ALIVE)
             pool = _pool
@@ -67,8 +74,10 @@ def _at_exit() -> None:
     from ._context import _BACKGROUND
     from ._engine import stalled_feeders
 
+    global _exited, _pool
     _BACKGROUND._cancel("the interpreter is exiting", expired=False)
-    pool = _pool
+    with _lock:
+        pool, _pool, _exited = _pool, None, True
     if pool is None:
         return
     warn_at: float | None = time.monotonic() + EXIT_GRACE
