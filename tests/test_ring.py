@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -68,3 +70,32 @@ def test_open_rejects_a_descriptor_that_is_not_a_ring(tmp_path: object) -> None:
 def test_small_sizes_are_refused() -> None:
     with pytest.raises(ValueError, match="size must be >= 64"):
         Ring(10)
+
+
+def test_a_second_thread_on_the_same_end_is_an_error_not_a_race() -> None:
+    import threading
+
+    ring = Ring(64)
+    while True:  # fill it
+        try:
+            ring.push(b"x" * 8, timeout=0)
+        except TimeoutError:
+            break
+    pushed = threading.Event()
+
+    def writer() -> None:
+        ring.push(b"y" * 8, timeout=10)  # waits for room, holding the writer's end
+        pushed.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        with pytest.raises(RuntimeError, match="one writer and one reader"):
+            for _ in range(1000):  # until the other thread is inside its push
+                with contextlib.suppress(TimeoutError):  # full: it is not inside yet
+                    ring.push(b"z", timeout=0)
+                time.sleep(0.005)
+        assert ring.pop(timeout=1) == b"x" * 8  # room: the waiting push goes through
+        assert pushed.wait(10)
+    finally:
+        t.join()

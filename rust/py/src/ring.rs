@@ -2,9 +2,10 @@
 //! processes. The engine's process stages are built on it; it is exposed for them and for tests.
 
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
@@ -17,6 +18,47 @@ use crate::errors::{channel_closed, dup_fd, os_error, timed_out};
 #[pyclass(frozen, name = "Ring", module = "pipeflow._core")]
 pub struct PyRing {
     inner: Ring,
+    /// A push, and a pop, in progress: a ring has one writer and one reader, and two threads of
+    /// this process pushing (or popping) at once would race on the same bytes. The second one
+    /// gets an error instead (see `One`).
+    pushing: AtomicBool,
+    popping: AtomicBool,
+}
+
+/// Holds one end of a ring for the length of a call; lets go when dropped.
+struct One<'a>(&'a AtomicBool);
+
+impl<'a> One<'a> {
+    fn take(flag: &'a AtomicBool, what: &str) -> PyResult<Self> {
+        // Acquire on success, Release in drop: a call sees the ring as the previous call on
+        // this end (in another thread) left it.
+        if flag
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return Err(PyRuntimeError::new_err(format!(
+                "Ring.{what} is already running in another thread: a ring has one writer and one \
+                 reader (use it from one thread at a time for each end)"
+            )));
+        }
+        Ok(One(flag))
+    }
+}
+
+impl Drop for One<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+impl PyRing {
+    fn over(inner: Ring) -> Self {
+        PyRing {
+            inner,
+            pushing: AtomicBool::new(false),
+            popping: AtomicBool::new(false),
+        }
+    }
 }
 
 #[pymethods]
@@ -30,18 +72,14 @@ impl PyRing {
             )));
         }
         let region = Region::create("pipeflow-ring", RING_HEADER + size).map_err(os_error)?;
-        Ok(PyRing {
-            inner: Ring::create(region).map_err(os_error)?,
-        })
+        Ok(PyRing::over(Ring::create(region).map_err(os_error)?))
     }
 
     /// Maps a ring another process created, from its memfd (the descriptor is duplicated).
     #[staticmethod]
     fn open(fd: i32) -> PyResult<Self> {
         let region = Region::from_fd(dup_fd(fd)?).map_err(os_error)?;
-        Ok(PyRing {
-            inner: Ring::open(region).map_err(os_error)?,
-        })
+        Ok(PyRing::over(Ring::open(region).map_err(os_error)?))
     }
 
     /// The memfd's descriptor, to pass to a child process (`pass_fds`).
@@ -57,6 +95,7 @@ impl PyRing {
 
     #[pyo3(signature = (data, timeout = None))]
     fn push(&self, py: Python<'_>, data: &[u8], timeout: Option<f64>) -> PyResult<()> {
+        let _writer = One::take(&self.pushing, "push")?;
         let ring = &self.inner;
         let result = match ring.push(data, Some(Instant::now())) {
             Err(PushError::Full) => {
@@ -85,6 +124,7 @@ impl PyRing {
 
     #[pyo3(signature = (timeout = None))]
     fn pop<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Bound<'py, PyBytes>> {
+        let _reader = One::take(&self.popping, "pop")?;
         let ring = &self.inner;
         let mut out = Vec::new();
         let mut result = ring.pop(&mut out, Some(Instant::now()));

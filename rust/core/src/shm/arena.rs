@@ -276,7 +276,9 @@ impl Arena {
                 "bad arena size",
             ));
         }
-        let data_len = round_up(data_len, PAGE);
+        let data_len = data_len
+            .checked_next_multiple_of(PAGE)
+            .ok_or_else(|| invalid("arena size too large"))?;
         let data_off = Self::layout(nslots);
         let total = data_off
             .checked_add(data_len)
@@ -374,7 +376,10 @@ impl Arena {
     }
 
     fn slot(&self, index: usize) -> &Slot {
-        debug_assert!(index < self.nslots);
+        // A real check, also in release builds: the public functions that take a slot index
+        // (`incref`, `decref`, ...) are safe, so an index out of range must panic, not read
+        // outside the slots array.
+        assert!(index < self.nslots, "arena slot {index} out of range");
         // SAFETY: slot `index < nslots` lies inside the slots array (see `layout`), which is
         // 32-byte aligned in the mapping and accessed only through atomics; all-zero bytes and
         // every other bit pattern are valid for these atomics.
@@ -533,7 +538,8 @@ impl Arena {
     /// shared; `None` when the arena has no room (or its mutex could not be had within a
     /// second): the caller then sends the bytes another way.
     pub fn alloc(&self, len: usize, owner: u32) -> Option<Desc> {
-        let size = round_up(len.max(1), PAGE) as u64;
+        // Checked: a length near usize::MAX must not round up to a small block.
+        let size = len.max(1).checked_next_multiple_of(PAGE)? as u64;
         let mut locked = self.lock()?;
         let at = locked.extents().iter().position(|e| e.len >= size)?;
         let nslots = self.nslots;
@@ -803,6 +809,26 @@ mod tests {
         assert_eq!(b.start, a.start);
         assert!(all(&arena, &b, 0));
         assert!(arena.check(&a).is_err(), "a stale descriptor stays stale");
+    }
+
+    #[test]
+    fn sizes_that_overflow_are_refused_not_wrapped() {
+        let arena = Arena::create(4 * PAGE, 4).unwrap();
+        assert!(arena.alloc(usize::MAX - 100, 1).is_none());
+        assert!(Arena::create(usize::MAX - 100, 4).is_err());
+    }
+
+    #[test]
+    #[should_panic(expected = "out of range")]
+    fn a_slot_index_out_of_range_panics_in_release_too() {
+        let arena = Arena::create(4 * PAGE, 4).unwrap();
+        let d = Desc {
+            slot: 1_000_000,
+            gen: 1,
+            start: 0,
+            len: 1,
+        };
+        arena.incref(&d);
     }
 
     #[test]

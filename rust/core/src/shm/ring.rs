@@ -221,7 +221,10 @@ impl Ring {
         if magic != MAGIC {
             return Err(bad("not a pipeflow ring"));
         }
-        if !capacity.is_power_of_two() || capacity as usize > region.len() - RING_HEADER {
+        if !capacity.is_power_of_two()
+            || capacity < 64
+            || capacity as usize > region.len() - RING_HEADER
+        {
             return Err(bad("ring capacity does not match the region"));
         }
         Ok(Ring { region, capacity })
