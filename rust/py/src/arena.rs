@@ -126,12 +126,8 @@ impl PyArena {
     fn adopt(&self, desc: DescTuple, incref: bool) -> PyResult<PyBlock> {
         let d = from_tuple(desc);
         self.inner
-            .check(&d)
+            .adopt(&d, incref)
             .map_err(|e| PyValueError::new_err(e.to_string()))?;
-        if incref {
-            self.inner.incref(&d);
-        }
-        self.inner.share(&d);
         Ok(PyBlock::new(&self.inner, d, true))
     }
 

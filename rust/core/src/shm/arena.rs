@@ -595,6 +595,22 @@ impl Arena {
         Ok(())
     }
 
+    /// Takes a block from a message: checks `desc` (see [`Arena::check`]), adds a reference if
+    /// `incref` (else the message's is taken over), and marks the block shared (see
+    /// [`Arena::share`]), all under the mutex: `reclaim` (the writer died) frees a block either
+    /// before, and then this fails, or never; without the mutex, a block freed between the
+    /// check and the mark would come back to life over the next allocation.
+    pub fn adopt(&self, desc: &Desc, incref: bool) -> io::Result<()> {
+        // Without the mutex (a holder stopped, not dead, for a second): as before it existed.
+        let _locked = self.lock();
+        self.check(desc)?;
+        if incref {
+            self.incref(desc);
+        }
+        self.share(desc);
+        Ok(())
+    }
+
     /// Adds a reference to a block the caller holds one to (for a message, or a second holder).
     pub fn incref(&self, desc: &Desc) {
         let slot = self.slot(desc.slot as usize);
@@ -809,6 +825,31 @@ mod tests {
         assert_eq!(b.start, a.start);
         assert!(all(&arena, &b, 0));
         assert!(arena.check(&a).is_err(), "a stale descriptor stays stale");
+    }
+
+    #[test]
+    fn a_block_is_adopted_or_reclaimed_never_both() {
+        let arena = std::sync::Arc::new(Arena::create(8 * PAGE, 8).unwrap());
+        for _ in 0..2000 {
+            let tag = arena.new_tag();
+            let d = arena.alloc(PAGE, tag).unwrap(); // in a message from a writer that died
+            let taker = {
+                let arena = std::sync::Arc::clone(&arena);
+                std::thread::spawn(move || arena.adopt(&d, false).is_ok())
+            };
+            let reclaimed = arena.reclaim(tag);
+            let adopted = taker.join().unwrap();
+            assert_ne!(
+                adopted,
+                reclaimed == 1,
+                "adopted {adopted}, reclaimed {reclaimed}"
+            );
+            if adopted {
+                arena.decref(&d);
+            }
+            assert_eq!(arena.stats().blocks, 0);
+            assert_eq!(arena.free_extents(), (8 * PAGE as u64, 1));
+        }
     }
 
     #[test]
