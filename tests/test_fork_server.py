@@ -140,10 +140,18 @@ def test_the_server_and_its_workers_go_when_the_parent_is_killed() -> None:
         [sys.executable, "-c", textwrap.dedent(KILLED_PARENT)], stdout=subprocess.PIPE, text=True
     )
     assert child.stdout is not None
-    pids = [int(child.stdout.readline().split()[1]) for _ in range(3)]
-    child.kill()
-    child.wait()
-    child.stdout.close()
+    lines: list[str] = []
+    try:
+        while len(lines) < 3:  # the server's pid, then each worker's, in whatever order
+            line = child.stdout.readline()
+            assert line, f"the child ended early, after {lines}"
+            if line.split()[:1] in (["server"], ["worker"]):
+                lines.append(line)
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+    pids = [int(line.split()[1]) for line in lines]
     assert wait_until(lambda: not any(psutil.pid_exists(p) for p in pids), timeout=10), (
         f"left running: {[p for p in pids if psutil.pid_exists(p)]}"
     )
