@@ -67,6 +67,23 @@ def test_open_rejects_a_descriptor_that_is_not_a_ring(tmp_path: object) -> None:
         os.close(w)
 
 
+def test_open_refuses_a_memfd_whose_size_a_peer_could_change() -> None:
+    """pipeflow's memfds are sealed against resizing (a peer's ftruncate would kill the other
+    side with SIGBUS); one that is not is refused."""
+    import os
+
+    fd = os.memfd_create("not-sealed")
+    try:
+        os.ftruncate(fd, 1 << 16)
+        with pytest.raises(OSError, match="not sealed"):
+            Ring.open(fd)
+        ring = Ring(4096)
+        with pytest.raises(OSError):  # and pipeflow's own cannot be resized
+            os.ftruncate(ring.fd, 1 << 20)
+    finally:
+        os.close(fd)
+
+
 def test_small_sizes_are_refused() -> None:
     with pytest.raises(ValueError, match="size must be >= 64"):
         Ring(10)
