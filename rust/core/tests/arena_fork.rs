@@ -38,6 +38,7 @@ fn decode(v: &[u8]) -> (Desc, u8) {
 
 /// A writer: allocates blocks of varying size, fills each with its byte, shares it into `ring`.
 fn writer(arena: &Arena, ring: &Ring, owner: u32) -> i32 {
+    let mut tx = ring.producer().unwrap();
     for i in 0..BLOCKS {
         let len = (i as usize % 7) * PAGE + 100;
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -54,7 +55,7 @@ fn writer(arena: &Arena, ring: &Ring, owner: u32) -> i32 {
         // SAFETY: `d` is a block this process just allocated and alone holds.
         unsafe { std::ptr::write_bytes(arena.data_ptr(d.start), byte, d.len as usize) };
         arena.share(&d);
-        if ring.push(&encode(&d, byte), None).is_err() {
+        if tx.push(&encode(&d, byte), None).is_err() {
             return 1;
         }
     }
@@ -88,7 +89,7 @@ fn blocks_cross_from_forked_writers_and_a_killed_one_leaks_nothing() {
                 continue;
             }
             let deadline = Some(Instant::now() + Duration::from_millis(1));
-            match ring.pop(&mut out, deadline) {
+            match ring.consumer().unwrap().pop(&mut out, deadline) {
                 Ok(()) => {
                     let (d, byte) = decode(&out);
                     arena.check(&d).unwrap();

@@ -26,17 +26,19 @@ fn frames_cross_intact_through_waits_and_wrap_around() {
     model(|| {
         let (producer, consumer) = Ring::loom_pair(64);
         let t = thread::spawn(move || {
+            let mut tx = producer.producer().unwrap();
             for tag in 0..3u8 {
-                producer.push(&frame(tag, 20), None).unwrap();
+                tx.push(&frame(tag, 20), None).unwrap();
             }
             producer.close_write();
         });
+        let mut rx = consumer.consumer().unwrap();
         let mut out = Vec::new();
         for tag in 0..3u8 {
-            consumer.pop(&mut out, None).unwrap();
+            rx.pop(&mut out, None).unwrap();
             assert_eq!(out, frame(tag, 20));
         }
-        assert_eq!(consumer.pop(&mut out, None), Err(PopError::Closed));
+        assert_eq!(rx.pop(&mut out, None), Err(PopError::Closed));
         t.join().unwrap();
     });
 }
@@ -47,13 +49,15 @@ fn a_pad_frame_is_skipped() {
     model(|| {
         let (producer, consumer) = Ring::loom_pair(64);
         let t = thread::spawn(move || {
-            producer.push(&frame(1, 12), None).unwrap(); // stride 24: 0..24
-            producer.push(&frame(2, 12), None).unwrap(); // 24..48
-            producer.push(&frame(3, 12), None).unwrap(); // 16 left: pad, then 0..24
+            let mut tx = producer.producer().unwrap();
+            tx.push(&frame(1, 12), None).unwrap(); // stride 24: 0..24
+            tx.push(&frame(2, 12), None).unwrap(); // 24..48
+            tx.push(&frame(3, 12), None).unwrap(); // 16 left: pad, then 0..24
         });
+        let mut rx = consumer.consumer().unwrap();
         let mut out = Vec::new();
         for tag in 1..=3u8 {
-            consumer.pop(&mut out, None).unwrap();
+            rx.pop(&mut out, None).unwrap();
             assert_eq!(out, frame(tag, 12));
         }
         t.join().unwrap();
@@ -65,9 +69,17 @@ fn a_pad_frame_is_skipped() {
 fn close_read_wakes_a_blocked_producer() {
     model(|| {
         let (producer, consumer) = Ring::loom_pair(64);
-        producer.push(&frame(0, 24), None).unwrap();
-        producer.push(&frame(1, 24), None).unwrap();
-        let t = thread::spawn(move || producer.push(&frame(2, 24), None));
+        producer
+            .producer()
+            .unwrap()
+            .push(&frame(0, 24), None)
+            .unwrap();
+        producer
+            .producer()
+            .unwrap()
+            .push(&frame(1, 24), None)
+            .unwrap();
+        let t = thread::spawn(move || producer.producer().unwrap().push(&frame(2, 24), None));
         consumer.close_read();
         assert_eq!(t.join().unwrap(), Err(PushError::Closed));
     });

@@ -25,18 +25,20 @@ fn payload(i: u32) -> Vec<u8> {
 fn every_byte_crosses_from_a_forked_producer() {
     let ring = Ring::create(Region::create("pipeflow-fork", RING_HEADER + 4096).unwrap()).unwrap();
     let pid = fork_child(|| {
+        let mut tx = ring.producer().unwrap();
         for i in 0..MESSAGES {
-            if ring.push(&payload(i), None).is_err() {
+            if tx.push(&payload(i), None).is_err() {
                 return 1;
             }
         }
         ring.close_write();
         0
     });
+    let mut rx = ring.consumer().unwrap();
     let mut out = Vec::new();
     let mut next = 0u32;
     loop {
-        match ring.pop(&mut out, Some(Instant::now() + Duration::from_secs(30))) {
+        match rx.pop(&mut out, Some(Instant::now() + Duration::from_secs(30))) {
             Ok(()) => {
                 assert_eq!(out, payload(next), "message {next}");
                 next += 1;
@@ -56,18 +58,20 @@ fn a_producer_killed_mid_stream_leaves_a_readable_ring() {
         let ring =
             Ring::create(Region::create("pipeflow-kill", RING_HEADER + 1024).unwrap()).unwrap();
         let pid = fork_child(|| {
+            let mut tx = ring.producer().unwrap();
             let mut i = 0u32;
             loop {
-                let _ = ring.push(&payload(i), None);
+                let _ = tx.push(&payload(i), None);
                 i = i.wrapping_add(1);
             }
         });
+        let mut rx = ring.consumer().unwrap();
         let mut out = Vec::new();
         let mut next = 0u32;
         // Read for a while, then kill the producer at an arbitrary instant.
         let kill_after = 500 + round * 97;
         while next < kill_after {
-            ring.pop(&mut out, Some(Instant::now() + Duration::from_secs(30)))
+            rx.pop(&mut out, Some(Instant::now() + Duration::from_secs(30)))
                 .unwrap();
             assert_eq!(out, payload(next));
             next += 1;
@@ -78,7 +82,7 @@ fn a_producer_killed_mid_stream_leaves_a_readable_ring() {
         assert!(libc::WIFSIGNALED(status));
         // Whatever was published is intact; then the ring is just empty, never damaged or stuck.
         loop {
-            match ring.pop(&mut out, Some(Instant::now() + Duration::from_millis(50))) {
+            match rx.pop(&mut out, Some(Instant::now() + Duration::from_millis(50))) {
                 Ok(()) => {
                     assert_eq!(out, payload(next));
                     next += 1;

@@ -2,7 +2,6 @@
 //! processes. The engine's process stages are built on it; it is exposed for them and for tests.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
@@ -18,46 +17,19 @@ use crate::errors::{channel_closed, dup_fd, os_error, timed_out};
 #[pyclass(frozen, name = "Ring", module = "pipeflow._core")]
 pub struct PyRing {
     inner: Ring,
-    /// A push, and a pop, in progress: a ring has one writer and one reader, and two threads of
-    /// this process pushing (or popping) at once would race on the same bytes. The second one
-    /// gets an error instead (see `One`).
-    pushing: AtomicBool,
-    popping: AtomicBool,
 }
 
-/// Holds one end of a ring for the length of a call; lets go when dropped.
-struct One<'a>(&'a AtomicBool);
-
-impl<'a> One<'a> {
-    fn take(flag: &'a AtomicBool, what: &str) -> PyResult<Self> {
-        // Acquire on success, Release in drop: a call sees the ring as the previous call on
-        // this end (in another thread) left it.
-        if flag
-            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            return Err(PyRuntimeError::new_err(format!(
-                "Ring.{what} is already running in another thread: a ring has one writer and one \
-                 reader (use it from one thread at a time for each end)"
-            )));
-        }
-        Ok(One(flag))
-    }
-}
-
-impl Drop for One<'_> {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
-    }
+/// The error for a second thread on one end: the ring hands each end to one holder at a time.
+fn end_busy(what: &str) -> PyErr {
+    PyRuntimeError::new_err(format!(
+        "Ring.{what} is already running in another thread: a ring has one writer and one reader \
+         (use it from one thread at a time for each end)"
+    ))
 }
 
 impl PyRing {
     fn over(inner: Ring) -> Self {
-        PyRing {
-            inner,
-            pushing: AtomicBool::new(false),
-            popping: AtomicBool::new(false),
-        }
+        PyRing { inner }
     }
 }
 
@@ -95,14 +67,15 @@ impl PyRing {
 
     #[pyo3(signature = (data, timeout = None))]
     fn push(&self, py: Python<'_>, data: &[u8], timeout: Option<f64>) -> PyResult<()> {
-        let _writer = One::take(&self.pushing, "push")?;
+        let deadline = deadline(timeout)?;
         let ring = &self.inner;
-        let result = match ring.push(data, Some(Instant::now())) {
+        let mut writer = ring.producer().ok_or_else(|| end_busy("push"))?;
+        let result = match writer.push(data, Some(Instant::now())) {
             Err(PushError::Full) => {
                 let owned = data.to_vec();
-                let waited = wait(py, deadline(timeout)?, (), |(), until| {
-                    match ring.push(&owned, Some(until)) {
-                        Err(PushError::Full) => Slice::Again(()),
+                let waited = wait(py, deadline, &mut writer, |writer, until| {
+                    match writer.push(&owned, Some(until)) {
+                        Err(PushError::Full) => Slice::Again(writer),
                         other => Slice::Done(other),
                     }
                 })?;
@@ -119,25 +92,32 @@ impl PyRing {
                 ring.max_frame()
             ))),
             Err(PushError::Closed) => Err(channel_closed(py, "the ring's reader closed it")),
+            Err(PushError::Damaged) => Err(PyOSError::new_err(
+                "the ring is damaged (the reader's position is one it could not have reached)",
+            )),
         }
     }
 
     #[pyo3(signature = (timeout = None))]
     fn pop<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Bound<'py, PyBytes>> {
-        let _reader = One::take(&self.popping, "pop")?;
+        let deadline = deadline(timeout)?;
         let ring = &self.inner;
+        let mut reader = ring.consumer().ok_or_else(|| end_busy("pop"))?;
         let mut out = Vec::new();
-        let mut result = ring.pop(&mut out, Some(Instant::now()));
+        let mut result = reader.pop(&mut out, Some(Instant::now()));
         if result == Err(PopError::Empty) {
-            let waited = wait(py, deadline(timeout)?, out, |mut out, until| {
-                match ring.pop(&mut out, Some(until)) {
-                    Err(PopError::Empty) => Slice::Again(out),
+            let waited = wait(
+                py,
+                deadline,
+                (&mut reader, out),
+                |(reader, mut out), until| match reader.pop(&mut out, Some(until)) {
+                    Err(PopError::Empty) => Slice::Again((reader, out)),
                     other => Slice::Done((other, out)),
-                }
-            })?;
+                },
+            )?;
             (result, out) = match waited {
                 Ok(done) => done,
-                Err(out) => (Err(PopError::Empty), out),
+                Err((_, out)) => (Err(PopError::Empty), out),
             };
         }
         match result {

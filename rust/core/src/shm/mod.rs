@@ -18,6 +18,6 @@ mod word;
 pub use arena::{Arena, Desc, Stats, PAGE};
 #[cfg(not(loom))]
 pub use region::Region;
-pub use ring::{PopError, PushError, Ring, RING_HEADER};
+pub use ring::{Consumer, PopError, Producer, PushError, Ring, RING_HEADER};
 #[cfg(not(loom))]
 pub use word::SharedWord;

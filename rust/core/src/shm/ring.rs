@@ -89,6 +89,9 @@ pub enum PushError {
     TooLarge,
     /// The consumer closed its end.
     Closed,
+    /// The consumer's position in the shared header is one it could not have reached: the ring
+    /// cannot be trusted any more.
+    Damaged,
 }
 
 /// Why a pop returned nothing.
@@ -102,14 +105,19 @@ pub enum PopError {
     Damaged,
 }
 
-/// One end's view of a ring laid out in a region. Use one `Ring` as the producer and another
-/// (possibly in another process) as the consumer; never two producers or two consumers.
+/// A ring laid out in a region, as this process sees it. It hands out its two ends as handles,
+/// one holder at a time each ([`Ring::producer`], [`Ring::consumer`]), so that threads of this
+/// process cannot race on one end. Across processes the rule is the protocol's: one process
+/// produces and one consumes (e.g. the parent pushes, the child maps the same region with
+/// [`Ring::open`] and pops); never map one region twice for the same end.
 pub struct Ring {
     #[cfg(not(loom))]
     region: Region,
     #[cfg(loom)]
     mem: std::sync::Arc<LoomMemory>,
     capacity: u64,
+    writer: End,
+    reader: End,
 }
 
 /// Under loom: the ring's memory on the heap, each data byte a loom cell (so that loom reports
@@ -130,7 +138,7 @@ unsafe impl Send for LoomMemory {}
 
 #[cfg(loom)]
 impl Ring {
-    /// A producer end and a consumer end of a new ring of `capacity` data bytes (a power of
+    /// Two views of one new ring of `capacity` data bytes (a power of
     /// two, at least 64), for loom models.
     pub fn loom_pair(capacity: u64) -> (Ring, Ring) {
         assert!(capacity.is_power_of_two() && capacity >= 64);
@@ -156,8 +164,16 @@ impl Ring {
         let other = Ring {
             mem: std::sync::Arc::clone(&mem),
             capacity,
+            writer: End::at(0),
+            reader: End::at(0),
         };
-        (Ring { mem, capacity }, other)
+        let first = Ring {
+            mem,
+            capacity,
+            writer: End::at(0),
+            reader: End::at(0),
+        };
+        (first, other)
     }
 
     fn header(&self) -> &Header {
@@ -199,7 +215,12 @@ impl Ring {
             std::ptr::addr_of_mut!((*h).capacity).write(capacity);
             std::ptr::addr_of_mut!((*h).magic).write(MAGIC);
         }
-        Ok(Ring { region, capacity })
+        Ok(Ring {
+            region,
+            capacity,
+            writer: End::at(0),
+            reader: End::at(0),
+        })
     }
 
     /// Opens a ring another process laid out in `region`.
@@ -227,7 +248,21 @@ impl Ring {
         {
             return Err(bad("ring capacity does not match the region"));
         }
-        Ok(Ring { region, capacity })
+        let mut ring = Ring {
+            region,
+            capacity,
+            writer: End::at(0),
+            reader: End::at(0),
+        };
+        // Each end starts where the ring's last user of that end left it (0 for a fresh ring).
+        let h = ring.header();
+        let (write, read) = (
+            h.write.load(Ordering::Acquire),
+            h.read.load(Ordering::Acquire),
+        );
+        ring.writer = End::at(write);
+        ring.reader = End::at(read);
+        Ok(ring)
     }
 
     /// The region, to hand its descriptor to the other process.
@@ -282,21 +317,134 @@ impl Ring {
         (self.capacity / 2 - FRAME_HEADER) as usize
     }
 
-    // ------------------------------------------------------------------ producer
+    /// This process's producer end, or None while another thread of it holds it: a ring has
+    /// one writer, and two pushing at once would race on the same bytes.
+    pub fn producer(&self) -> Option<Producer<'_>> {
+        let write = self.writer.take()?;
+        Some(Producer { ring: self, write })
+    }
 
+    /// This process's consumer end, or None while another thread of it holds it.
+    pub fn consumer(&self) -> Option<Consumer<'_>> {
+        let read = self.reader.take()?;
+        Some(Consumer { ring: self, read })
+    }
+
+    /// Closes the producer's end: the consumer reads what was pushed, then sees `Closed`. Any
+    /// thread may close, also while another pushes or pops (it only stores a flag and wakes).
+    pub fn close_write(&self) {
+        let h = self.header();
+        h.writer_closed.store(1, Ordering::SeqCst);
+        h.data_seq.fetch_add(1, Ordering::SeqCst);
+        futex::wake_all(&h.data_seq);
+    }
+
+    /// Closes the consumer's end: pushes fail with `Closed` from now on.
+    pub fn close_read(&self) {
+        let h = self.header();
+        h.reader_closed.store(1, Ordering::SeqCst);
+        h.space_seq.fetch_add(1, Ordering::SeqCst);
+        futex::wake_all(&h.space_seq);
+    }
+
+    fn write_frame_header(&self, off: u64, len: u32) {
+        // `off` is 8-aligned and < capacity, so 8 bytes fit; the space is free (see `push`).
+        self.store(off, &frame_header(len));
+    }
+
+    fn read_frame_header(&self, off: u64) -> Result<u32, PopError> {
+        // `off` < capacity and 8-aligned (positions only advance by multiples of 8), so 8 bytes
+        // lie in the data area; the frame was published (see `pop`).
+        let mut bytes = [0u8; 8];
+        self.load(off, &mut bytes);
+        let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        let check = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+        if check != len ^ FRAME_CHECK {
+            return Err(PopError::Damaged);
+        }
+        Ok(len)
+    }
+}
+
+/// One end's position, kept in this process: the handle that holds the end owns it. The copy in
+/// the shared header is only published, never read back, so a peer that scribbles on it cannot
+/// move this end.
+struct End {
+    /// True while a handle holds this end.
+    taken: std::sync::atomic::AtomicBool,
+    /// The position, while no handle holds the end (a handle keeps its own copy).
+    pos: std::sync::atomic::AtomicU64,
+}
+
+impl End {
+    fn at(pos: u64) -> End {
+        End {
+            taken: std::sync::atomic::AtomicBool::new(false),
+            pos: std::sync::atomic::AtomicU64::new(pos),
+        }
+    }
+
+    fn take(&self) -> Option<u64> {
+        // Acquire on success pairs with the Release in `give_back`: a handle sees the position
+        // the previous holder (maybe another thread) left.
+        self.taken
+            .compare_exchange(
+                false,
+                true,
+                std::sync::atomic::Ordering::Acquire,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .ok()?;
+        // Relaxed: ordered after the holder's store by the Acquire/Release pair on `taken`.
+        Some(self.pos.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn give_back(&self, pos: u64) {
+        self.pos.store(pos, std::sync::atomic::Ordering::Relaxed);
+        self.taken
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// The producer end of a [`Ring`] in this process (see [`Ring::producer`]); lets go when
+/// dropped.
+pub struct Producer<'a> {
+    ring: &'a Ring,
+    /// Bytes written since the start: this end's own position.
+    write: u64,
+}
+
+impl Drop for Producer<'_> {
+    fn drop(&mut self) {
+        self.ring.writer.give_back(self.write);
+    }
+}
+
+impl Producer<'_> {
     /// Appends one frame, waiting for room until `deadline` (None: forever).
-    pub fn push(&self, payload: &[u8], deadline: Option<Instant>) -> Result<(), PushError> {
-        if payload.len() > self.max_frame() {
+    pub fn push(&mut self, payload: &[u8], deadline: Option<Instant>) -> Result<(), PushError> {
+        let ring = self.ring;
+        if payload.len() > ring.max_frame() {
             return Err(PushError::TooLarge);
         }
-        let h = self.header();
+        let h = ring.header();
+        let cap = ring.capacity;
         let stride = FRAME_HEADER + round8(payload.len() as u64);
-        let w = h.write.load(Ordering::Relaxed); // only this producer writes it
-        let offset = w % self.capacity;
-        let pad = if offset + stride > self.capacity {
-            self.capacity - offset
+        let w = self.write;
+        let offset = w % cap;
+        let pad = if offset + stride > cap {
+            cap - offset
         } else {
             0
+        };
+        // The room left, from the consumer's position; a position the consumer could not have
+        // reached (ahead of ours, or a ring's length behind) means the header was overwritten.
+        let room = |r: u64| {
+            if r > w || w - r > cap {
+                Err(PushError::Damaged)
+            } else {
+                Ok(cap - (w - r) >= pad + stride)
+            }
         };
         loop {
             // The wait word first, then every condition (closed included): a close or a consume
@@ -307,12 +455,11 @@ impl Ring {
             }
             // Acquire: pairs with the consumer's Release store of `read` (it is done with the
             // bytes we are about to overwrite).
-            let r = h.read.load(Ordering::Acquire);
-            if self.capacity - (w - r) >= pad + stride {
+            if room(h.read.load(Ordering::Acquire))? {
                 break;
             }
             h.producer_waiting.swap(1, Ordering::SeqCst);
-            if self.capacity - (w - h.read.fetch_add(0, Ordering::SeqCst)) >= pad + stride {
+            if room(h.read.fetch_add(0, Ordering::SeqCst))? {
                 h.producer_waiting.store(0, Ordering::Relaxed);
                 break;
             }
@@ -324,64 +471,61 @@ impl Ring {
         }
         let mut at = w;
         if pad > 0 {
-            self.write_frame_header(at % self.capacity, PAD);
+            ring.write_frame_header(at % cap, PAD);
             at += pad;
         }
-        let off = at % self.capacity;
-        self.write_frame_header(off, payload.len() as u32);
+        let off = at % cap;
+        ring.write_frame_header(off, payload.len() as u32);
         // [off + 8, off + 8 + len) lies inside the data area (the frame does not straddle the
         // end), and it is free space: the consumer's `read` is past it (checked above with
         // Acquire), so no one reads it until we publish below.
-        self.store(off + FRAME_HEADER, payload);
-        self.publish(at + stride);
+        ring.store(off + FRAME_HEADER, payload);
+        self.write = at + stride;
+        // An RMW (Release at least: pairs with the consumer's Acquire load of `write`), and one
+        // half of the eventcount's Dekker pair with the waiter check in `signal` (module docs).
+        h.write.swap(self.write, Ordering::SeqCst);
+        signal(&h.data_seq, &h.consumer_waiting);
         Ok(())
     }
+}
 
-    fn write_frame_header(&self, off: u64, len: u32) {
-        // `off` is 8-aligned and < capacity, so 8 bytes fit; the space is free (see `push`).
-        self.store(off, &frame_header(len));
+/// The consumer end of a [`Ring`] in this process (see [`Ring::consumer`]); lets go when
+/// dropped.
+pub struct Consumer<'a> {
+    ring: &'a Ring,
+    /// Bytes consumed since the start: this end's own position.
+    read: u64,
+}
+
+impl Drop for Consumer<'_> {
+    fn drop(&mut self) {
+        self.ring.reader.give_back(self.read);
     }
+}
 
-    fn publish(&self, new_write: u64) {
-        let h = self.header();
-        // An RMW (Release at least: pairs with the consumer's Acquire load of `write`), and one
-        // half of the eventcount's Dekker pair with the waiter check below (see the module docs).
-        h.write.swap(new_write, Ordering::SeqCst);
-        signal(&h.data_seq, &h.consumer_waiting);
-    }
-
-    /// Closes the producer's end: the consumer reads what was pushed, then sees `Closed`.
-    pub fn close_write(&self) {
-        let h = self.header();
-        h.writer_closed.store(1, Ordering::SeqCst);
-        h.data_seq.fetch_add(1, Ordering::SeqCst);
-        futex::wake_all(&h.data_seq);
-    }
-
-    // ------------------------------------------------------------------ consumer
-
+impl Consumer<'_> {
     /// Takes one frame into `out` (replacing its contents), waiting until `deadline`.
-    pub fn pop(&self, out: &mut Vec<u8>, deadline: Option<Instant>) -> Result<(), PopError> {
-        let h = self.header();
-        let mut r = h.read.load(Ordering::Relaxed); // only this consumer writes it
+    pub fn pop(&mut self, out: &mut Vec<u8>, deadline: Option<Instant>) -> Result<(), PopError> {
+        let ring = self.ring;
+        let h = ring.header();
+        let cap = ring.capacity;
+        let mut r = self.read;
         loop {
             let seq = h.data_seq.load(Ordering::SeqCst);
             // Acquire: pairs with the producer's store of `write` (the frame's bytes are there).
             let w = h.write.load(Ordering::Acquire);
             if w != r {
-                if w < r || w - r > self.capacity {
+                if w < r || w - r > cap {
                     return Err(PopError::Damaged);
                 }
-                let off = r % self.capacity;
-                let len = self.read_frame_header(off)?;
+                let off = r % cap;
+                let len = ring.read_frame_header(off)?;
                 if len == PAD {
-                    r += self.capacity - off;
+                    r += cap - off;
                     continue;
                 }
                 let stride = FRAME_HEADER + round8(u64::from(len));
-                if u64::from(len) > self.max_frame() as u64
-                    || off + stride > self.capacity
-                    || w - r < stride
+                if u64::from(len) > ring.max_frame() as u64 || off + stride > cap || w - r < stride
                 {
                     return Err(PopError::Damaged);
                 }
@@ -389,7 +533,7 @@ impl Ring {
                 // (Acquire load of `write`); the producer will not reuse it before `read` moves.
                 out.clear();
                 out.resize(len as usize, 0);
-                self.load(off + FRAME_HEADER, out);
+                ring.load(off + FRAME_HEADER, out);
                 self.consumed(r + stride);
                 return Ok(());
             }
@@ -411,41 +555,20 @@ impl Ring {
         }
     }
 
-    fn read_frame_header(&self, off: u64) -> Result<u32, PopError> {
-        // `off` < capacity and 8-aligned (positions only advance by multiples of 8), so 8 bytes
-        // lie in the data area; the frame was published (see `pop`).
-        let mut bytes = [0u8; 8];
-        self.load(off, &mut bytes);
-        let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-        let check = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
-        if check != len ^ FRAME_CHECK {
-            return Err(PopError::Damaged);
-        }
-        Ok(len)
-    }
-
-    /// Skipping pad frames advances `read` without a consume; store it when giving up.
-    fn store_read(&self, r: u64) {
-        let h = self.header();
-        if h.read.load(Ordering::Relaxed) != r {
+    /// Skipping pad frames advances the position without a consume; store it when giving up.
+    fn store_read(&mut self, r: u64) {
+        if self.read != r {
             self.consumed(r);
         }
     }
 
-    fn consumed(&self, new_read: u64) {
-        let h = self.header();
+    fn consumed(&mut self, new_read: u64) {
+        let h = self.ring.header();
+        self.read = new_read;
         // An RMW (Release at least: pairs with the producer's Acquire load of `read`), and one
         // half of the eventcount's Dekker pair with the waiter check below (see the module docs).
         h.read.swap(new_read, Ordering::SeqCst);
         signal(&h.space_seq, &h.producer_waiting);
-    }
-
-    /// Closes the consumer's end: pushes fail with `Closed` from now on.
-    pub fn close_read(&self) {
-        let h = self.header();
-        h.reader_closed.store(1, Ordering::SeqCst);
-        h.space_seq.fetch_add(1, Ordering::SeqCst);
-        futex::wake_all(&h.space_seq);
     }
 }
 
@@ -509,11 +632,12 @@ mod tests {
     fn frames_round_trip_in_order_with_wrap_around() {
         let producer = ring(256);
         let consumer = reopen(&producer);
+        let (mut tx, mut rx) = (producer.producer().unwrap(), consumer.consumer().unwrap());
         let mut out = Vec::new();
         for i in 0..1000u32 {
             let payload: Vec<u8> = (0..(i % 97) as u8).collect();
-            producer.push(&payload, None).unwrap();
-            consumer.pop(&mut out, None).unwrap();
+            tx.push(&payload, None).unwrap();
+            rx.pop(&mut out, None).unwrap();
             assert_eq!(out, payload);
         }
     }
@@ -521,31 +645,94 @@ mod tests {
     #[test]
     fn full_empty_too_large_and_close() {
         let r = ring(64);
+        let (mut tx, mut rx) = (r.producer().unwrap(), r.consumer().unwrap());
         let mut out = Vec::new();
         assert_eq!(r.max_frame(), 24);
-        assert_eq!(r.push(&[0; 25], None), Err(PushError::TooLarge));
-        assert_eq!(r.pop(&mut out, soon()), Err(PopError::Empty));
-        r.push(&[1; 24], None).unwrap();
-        r.push(&[2; 24], None).unwrap();
-        assert_eq!(r.push(&[3], soon()), Err(PushError::Full));
+        assert_eq!(tx.push(&[0; 25], None), Err(PushError::TooLarge));
+        assert_eq!(rx.pop(&mut out, soon()), Err(PopError::Empty));
+        tx.push(&[1; 24], None).unwrap();
+        tx.push(&[2; 24], None).unwrap();
+        assert_eq!(tx.push(&[3], soon()), Err(PushError::Full));
         r.close_write();
-        r.pop(&mut out, None).unwrap();
+        rx.pop(&mut out, None).unwrap();
         assert_eq!(out, [1; 24]);
-        r.pop(&mut out, None).unwrap();
+        rx.pop(&mut out, None).unwrap();
         assert_eq!(out, [2; 24]);
-        assert_eq!(r.pop(&mut out, None), Err(PopError::Closed));
+        assert_eq!(rx.pop(&mut out, None), Err(PopError::Closed));
         r.close_read();
-        assert_eq!(r.push(&[4], None), Err(PushError::Closed));
+        assert_eq!(tx.push(&[4], None), Err(PushError::Closed));
+    }
+
+    #[test]
+    fn each_end_has_one_holder_at_a_time_and_keeps_its_position() {
+        let r = ring(256);
+        let mut tx = r.producer().unwrap();
+        assert!(
+            r.producer().is_none(),
+            "a second producer while the first is held"
+        );
+        tx.push(b"one", None).unwrap();
+        drop(tx);
+        // The next holder (here another thread) goes on from where the last one stopped.
+        thread::scope(|s| {
+            s.spawn(|| r.producer().unwrap().push(b"two", None).unwrap());
+        });
+        let mut rx = r.consumer().unwrap();
+        assert!(r.consumer().is_none());
+        let mut out = Vec::new();
+        rx.pop(&mut out, None).unwrap();
+        assert_eq!(out, b"one");
+        drop(rx);
+        r.consumer().unwrap().pop(&mut out, None).unwrap();
+        assert_eq!(out, b"two");
+        // A ring opened later starts each end where the shared header says.
+        let again = reopen(&r);
+        again.producer().unwrap().push(b"three", None).unwrap();
+        again.consumer().unwrap().pop(&mut out, None).unwrap();
+        assert_eq!(out, b"three");
     }
 
     #[test]
     fn a_damaged_header_is_an_error() {
         let r = ring(64);
-        r.push(b"hello", None).unwrap();
+        r.producer().unwrap().push(b"hello", None).unwrap();
         // SAFETY: test-only; byte 4 is inside the data area (the first frame header check word).
         unsafe { *r.data().add(4) ^= 0xff };
         let mut out = Vec::new();
-        assert_eq!(r.pop(&mut out, None), Err(PopError::Damaged));
+        assert_eq!(
+            r.consumer().unwrap().pop(&mut out, None),
+            Err(PopError::Damaged)
+        );
+    }
+
+    #[test]
+    fn a_consumer_position_out_of_reach_is_an_error_for_the_producer() {
+        let r = ring(128);
+        let mut tx = r.producer().unwrap();
+        tx.push(&[1; 40], None).unwrap(); // write = 48
+                                          // A peer scribbles on the consumer's shared position: ahead of the producer, or
+                                          // further behind than the ring is long. The producer neither panics nor overwrites.
+        for bad in [1000u64, 49, u64::MAX] {
+            r.header().read.store(bad, Ordering::SeqCst);
+            assert_eq!(
+                tx.push(&[2; 8], soon()),
+                Err(PushError::Damaged),
+                "read = {bad}"
+            );
+        }
+        drop(tx);
+        let mut tx = r.producer().unwrap();
+        r.header().read.store(0, Ordering::SeqCst);
+        tx.push(&[3; 8], None).unwrap(); // a sane position again: the ring works
+                                         // The producer's own position is its own: scribbling on the shared `write` does not
+                                         // move it (the consumer, which reads it, reports the damage).
+        r.header().write.store(7, Ordering::SeqCst);
+        let mut out = Vec::new();
+        assert_eq!(
+            r.consumer().unwrap().pop(&mut out, None),
+            Err(PopError::Damaged)
+        );
+        assert_eq!(tx.write, 64);
     }
 
     #[test]
@@ -560,14 +747,16 @@ mod tests {
         let consumer = reopen(&producer);
         let p = Arc::clone(&producer);
         let t = thread::spawn(move || {
+            let mut tx = p.producer().unwrap();
             for i in 0..20_000u32 {
-                p.push(&i.to_le_bytes(), None).unwrap();
+                tx.push(&i.to_le_bytes(), None).unwrap();
             }
             p.close_write();
         });
+        let mut rx = consumer.consumer().unwrap();
         let mut out = Vec::new();
         let mut next = 0u32;
-        while consumer.pop(&mut out, None).is_ok() {
+        while rx.pop(&mut out, None).is_ok() {
             assert_eq!(out, next.to_le_bytes());
             next += 1;
         }
