@@ -253,6 +253,23 @@ def test_a_damaged_descriptor_is_an_error_not_a_crash() -> None:
         arena.adopt((slot, gen, start, length))
 
 
+def test_a_stale_descriptor_cannot_touch_the_block_that_reuses_its_slot() -> None:
+    """A borrowed block whose lender freed it cannot be kept: the slot may hold another block by
+    then, whose count the keep() would have raised (leaking it for good)."""
+    arena = Arena(1 << 16, 1)  # one slot: the next block reuses it
+    lender = arena.empty(100, 0)
+    assert lender is not None
+    borrowed = arena.borrow(lender.desc)
+    del lender  # freed
+    reuser = arena.empty(100, 0)
+    assert reuser is not None and reuser.desc[:2] == (borrowed.desc[0], borrowed.desc[1] + 1)
+    with pytest.raises(ValueError, match="no longer live"):
+        borrowed.keep()
+    assert not borrowed.owned
+    del borrowed, reuser  # the borrowed one drops nothing; the reuser frees its block
+    assert arena.stats()["blocks"] == 0
+
+
 def test_arena_size_is_checked() -> None:
     with pytest.raises(ValueError, match="positive int"):
         pf.set_arena_size(0)

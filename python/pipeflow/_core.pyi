@@ -241,5 +241,6 @@ class Block:
     def owned(self) -> bool:
         """Whether this object holds a reference (not :meth:`Arena.borrow`-ed, or kept)."""
     def keep(self) -> None:
-        """Takes a reference of its own, for a borrowed block still in use."""
+        """Takes a reference of its own, for a borrowed block still in use; ``ValueError`` if
+        the block was freed meanwhile (its lender dropped it)."""
     def __len__(self) -> int: ...

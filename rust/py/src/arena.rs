@@ -99,10 +99,11 @@ impl PyArena {
         let (src, len) = (buf.buf_ptr() as usize, buf.len_bytes());
         if let Some(d) = self.inner.find(src as *const u8, len) {
             let lent = lent.is_some_and(|l| l.contains(&(d.slot, d.gen)));
-            if !lent {
-                self.inner.incref(&d);
+            // A block the buffer's owner holds cannot be freed meanwhile, so the incref fails
+            // only at the reference limit: the bytes are then copied into a block of their own.
+            if lent || self.inner.incref(&d) {
+                return Ok(Some(to_tuple(&d)));
             }
-            return Ok(Some(to_tuple(&d)));
         }
         let Some(d) = self.inner.alloc(len, owner) else {
             return Ok(None);
@@ -218,11 +219,19 @@ impl PyBlock {
 
 #[pymethods]
 impl PyBlock {
-    /// Takes a reference of its own for a borrowed block (no-op if it holds one already).
-    fn keep(&self) {
-        if !self.owned.swap(true, Ordering::Relaxed) {
-            self.arena.incref(&self.desc);
+    /// Takes a reference of its own for a borrowed block (no-op if it holds one already). A
+    /// `ValueError` if the block was freed meanwhile (its lender dropped it).
+    fn keep(&self) -> PyResult<()> {
+        if self.owned.load(Ordering::Relaxed) {
+            return Ok(());
         }
+        if !self.arena.incref(&self.desc) {
+            return Err(PyValueError::new_err(
+                "the block is no longer live: its lender freed it before keep()",
+            ));
+        }
+        self.owned.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Whether this object holds a reference to its block.

@@ -6,7 +6,8 @@
 //!
 //! ```text
 //! page 0      header: magic, sizes, a robust process-shared mutex, the allocator's counters
-//! page 1..    slots: one 32-byte record per block that may be live (state, refs, owner, gen, place)
+//! page 1..    slots: one 32-byte record per block that may be live (its life: generation, state
+//!             and references in one word; owner; place)
 //!             extents: the free extents of the data area, sorted, merged (under the mutex)
 //! data_off..  the data area: blocks of whole pages
 //! ```
@@ -32,6 +33,11 @@
 //! A killed process can at worst leak the blocks it held references to; those go with the memfd
 //! when every process has unmapped it. Descriptors read from messages are validated (`check`):
 //! a damaged one is an error, never an access outside the arena.
+//!
+//! A stale descriptor (of a block freed since, whose slot may hold another block now) changes
+//! nothing: a slot's generation, state and reference count share one atomic word ([`Life`]), so
+//! `incref`, `decref` and `share` check the generation in the same compare-exchange that makes
+//! their change, and fail on a descriptor of an earlier allocation of the slot.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
@@ -64,10 +70,8 @@ struct Header {
     nslots: u64,
     data_off: u64,
     data_len: u64,
-    // Guarded by `lock` (read and written only through `Locked`).
-    live: u64,
-    nextents: u64,
-    hint: u64,
+    // Read and written only through `Locked`, under `lock`.
+    guarded: Guarded,
     lock: libc::pthread_mutex_t,
     // How many bytes of freed blocks may stay resident for reuse (see `set_cache_limit`).
     cache_limit: AtomicU64,
@@ -75,14 +79,69 @@ struct Header {
     next_tag: AtomicU32,
 }
 
+/// The allocator's counters, guarded by the header's mutex: `Locked` hands out `&mut` to this
+/// part of the header alone, never to the mutex or the atomics beside it, which other threads
+/// and processes use meanwhile.
+#[repr(C)]
+struct Guarded {
+    live: u64,
+    nextents: u64,
+    hint: u64,
+}
+
 #[repr(C)]
 struct Slot {
-    state: AtomicU32,
-    refs: AtomicU32,
+    /// The block's [`Life`]; every change of it is one atomic step.
+    life: AtomicU64,
     owner: AtomicU32,
-    gen: AtomicU32,
+    _pad: u32,
     off: AtomicU64,
     len: AtomicU64,
+}
+
+const _: () = assert!(std::mem::size_of::<Slot>() == 32);
+
+/// A slot's generation (bits 63..32), state (bits 31..30) and reference count (bits 29..0), in
+/// one word so that a change checks all three at once.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Life(u64);
+
+/// The most references a block can have (the count's 30 bits).
+const MAX_REFS: u32 = (1 << 30) - 1;
+
+impl Life {
+    fn new(gen: u32, state: u32, refs: u32) -> Life {
+        Life(u64::from(gen) << 32 | u64::from(state) << 30 | u64::from(refs))
+    }
+    fn gen(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+    fn state(self) -> u32 {
+        (self.0 >> 30) as u32 & 3
+    }
+    fn refs(self) -> u32 {
+        self.0 as u32 & MAX_REFS
+    }
+    /// Live, and the allocation `gen`: what a descriptor must name before anything is done.
+    fn is(self, gen: u32) -> bool {
+        self.state() != FREE && self.gen() == gen && self.refs() > 0
+    }
+}
+
+impl Slot {
+    /// The life, Acquire: pairs with the Release of `alloc` (the place fields are set).
+    fn life(&self) -> Life {
+        Life(self.life.load(Ordering::Acquire))
+    }
+
+    /// Applies `change` to the life as one compare-exchange (retried if another process changed
+    /// the word meanwhile); None, changing nothing, if `change` refuses the life it sees.
+    fn update(&self, success: Ordering, change: impl Fn(Life) -> Option<Life>) -> Option<Life> {
+        self.life
+            .fetch_update(success, Ordering::Relaxed, |v| change(Life(v)).map(|l| l.0))
+            .ok()
+            .map(Life)
+    }
 }
 
 #[repr(C)]
@@ -134,22 +193,22 @@ impl Drop for Locked<'_> {
 }
 
 impl Locked<'_> {
-    fn header(&mut self) -> &mut Header {
-        // SAFETY: the header's guarded fields are only accessed under the mutex, which this
-        // guard holds, and `&mut self` keeps this the only reference made from the guard. The
-        // unguarded fields are written once, before any other process maps the arena.
-        unsafe { &mut *self.arena.region.as_ptr().cast::<Header>() }
+    fn counters(&mut self) -> &mut Guarded {
+        // SAFETY: the guarded counters are only accessed under the mutex, which this guard
+        // holds, and `&mut self` keeps this the only reference made from the guard. The pointer
+        // goes to the field itself: no reference to the rest of the header is made.
+        unsafe { &mut *std::ptr::addr_of_mut!((*self.arena.header_ptr()).guarded) }
     }
 
     fn extents(&mut self) -> &mut [Extent] {
-        let n = self.header().nextents as usize;
+        let n = self.counters().nextents as usize;
         // SAFETY: the extents array has room for nslots + 1 entries (see `layout`), `nextents`
         // never exceeds that (checked where it grows), and it is only accessed under the mutex.
         unsafe { std::slice::from_raw_parts_mut(self.arena.extents_ptr(), n) }
     }
 
     fn push_extent_at(&mut self, at: usize, e: Extent) -> bool {
-        let n = self.header().nextents as usize;
+        let n = self.counters().nextents as usize;
         if n > self.arena.nslots {
             return false; // cannot happen: there are at most nslots + 1 gaps between blocks
         }
@@ -159,16 +218,16 @@ impl Locked<'_> {
             std::ptr::copy(ptr.add(at), ptr.add(at + 1), n - at);
             *ptr.add(at) = e;
         }
-        self.header().nextents = (n + 1) as u64;
+        self.counters().nextents = (n + 1) as u64;
         true
     }
 
     fn remove_extent(&mut self, at: usize) {
-        let n = self.header().nextents as usize;
+        let n = self.counters().nextents as usize;
         let ptr = self.arena.extents_ptr();
         // SAFETY: `at < n`; the tail moves down by one inside the array.
         unsafe { std::ptr::copy(ptr.add(at + 1), ptr.add(at), n - at - 1) };
-        self.header().nextents = (n - 1) as u64;
+        self.counters().nextents = (n - 1) as u64;
     }
 
     /// Puts `[off, off + len)` back in the free list, merged with its neighbours.
@@ -193,30 +252,42 @@ impl Locked<'_> {
         }
     }
 
-    /// Frees the block in `slot` if it is still allocation `gen`: returns its pages to the OS,
-    /// its extent to the free list.
-    fn free_slot(&mut self, index: usize, gen: u32) {
+    /// Frees the block in `slot` if it is still allocation `gen` (and, for `reclaim`, with
+    /// `only_writing`, still unshared or unreferenced): returns its pages to the OS, its extent
+    /// to the free list.
+    fn free_slot(&mut self, index: usize, gen: u32, only_writing: bool) {
         let slot = self.arena.slot(index);
-        if slot.state.load(Ordering::Acquire) == FREE || slot.gen.load(Ordering::Relaxed) != gen {
-            return; // freed already (by a rebuild after a death)
+        let (off, len) = (
+            slot.off.load(Ordering::Relaxed),
+            slot.len.load(Ordering::Relaxed),
+        );
+        // Marked free first, in one compare-exchange against the lock-free changes (a receiver
+        // sharing the block, a holder adding or dropping a reference), and only then are its
+        // pages dropped: a block shared at the last moment keeps them. Nobody can take the slot
+        // or the extent before `insert_free` below: allocation holds the mutex, as we do.
+        // Release: the place fields were read above, before the slot can be taken again.
+        let freed = slot.update(Ordering::Release, |l| {
+            let mine = l.state() != FREE && l.gen() == gen;
+            let unshared = !only_writing || l.state() == WRITING || l.refs() == 0;
+            (mine && unshared).then(|| Life::new(gen, FREE, 0))
+        });
+        if freed.is_none() {
+            return; // freed already (by a rebuild after a death), or shared meanwhile
         }
-        let off = slot.off.load(Ordering::Relaxed);
-        let len = slot.len.load(Ordering::Relaxed);
-        self.header().live -= len;
-        let live = self.header().live;
-        let limit = self.header().cache_limit.load(Ordering::Relaxed);
+        self.counters().live -= len;
+        let live = self.counters().live;
+        let limit = self.arena.cache_limit().load(Ordering::Relaxed);
         // Resident beyond the live blocks and the metadata (at most `data_off`): the cache.
         let meta = self.arena.data_off as u64;
         if limit == 0 || self.arena.resident().saturating_sub(live + meta) > limit {
             self.arena.punch(off, len);
         }
-        slot.state.store(FREE, Ordering::Release);
         self.insert_free(off, len);
     }
 
     /// Returns the pages of every free extent to the OS.
     fn trim(&mut self) {
-        for i in 0..self.header().nextents as usize {
+        for i in 0..self.counters().nextents as usize {
             let e = self.extents()[i];
             self.arena.punch(e.off, e.len);
         }
@@ -228,23 +299,25 @@ impl Locked<'_> {
         let mut live: Vec<Extent> = Vec::new();
         for i in 0..self.arena.nslots {
             let slot = self.arena.slot(i);
-            if slot.state.load(Ordering::Acquire) == FREE {
+            let life = slot.life();
+            if life.state() == FREE {
                 continue;
             }
             let (off, len) = (
                 slot.off.load(Ordering::Relaxed),
                 slot.len.load(Ordering::Relaxed),
             );
-            if slot.refs.load(Ordering::Acquire) == 0 {
+            if life.refs() == 0 {
                 self.arena.punch(off, len);
-                slot.state.store(FREE, Ordering::Release);
+                slot.life
+                    .store(Life::new(life.gen(), FREE, 0).0, Ordering::Release);
                 continue;
             }
             live.push(Extent { off, len });
         }
         live.sort_by_key(|e| e.off);
-        self.header().nextents = 0;
-        self.header().live = live.iter().map(|e| e.len).sum();
+        self.counters().nextents = 0;
+        self.counters().live = live.iter().map(|e| e.len).sum();
         let mut at = 0u64;
         let end = self.arena.data_len as u64;
         for e in live
@@ -252,7 +325,7 @@ impl Locked<'_> {
             .chain(std::iter::once(&Extent { off: end, len: 0 }))
         {
             if e.off > at {
-                let n = self.header().nextents as usize;
+                let n = self.counters().nextents as usize;
                 self.push_extent_at(
                     n,
                     Extent {
@@ -298,9 +371,11 @@ impl Arena {
             (*h).nslots = nslots as u64;
             (*h).data_off = data_off as u64;
             (*h).data_len = data_len as u64;
-            (*h).live = 0;
-            (*h).nextents = 1;
-            (*h).hint = 0;
+            (*h).guarded = Guarded {
+                live: 0,
+                nextents: 1,
+                hint: 0,
+            };
             *arena.extents_ptr() = Extent {
                 off: 0,
                 len: data_len as u64,
@@ -370,9 +445,25 @@ impl Arena {
         self.nslots
     }
 
+    fn header_ptr(&self) -> *mut Header {
+        self.region.as_ptr().cast::<Header>()
+    }
+
     fn mutex(&self) -> *mut libc::pthread_mutex_t {
-        // SAFETY: the header is at the start of the mapping, which outlives `self`.
-        unsafe { std::ptr::addr_of_mut!((*self.region.as_ptr().cast::<Header>()).lock) }
+        // SAFETY: the header is at the start of the mapping, which outlives `self`; no
+        // reference is made, only the field's address.
+        unsafe { std::ptr::addr_of_mut!((*self.header_ptr()).lock) }
+    }
+
+    fn cache_limit(&self) -> &AtomicU64 {
+        // SAFETY: the header is at the start of the mapping, which outlives `self`; the field
+        // is only ever used atomically, and the reference covers it alone.
+        unsafe { &*std::ptr::addr_of!((*self.header_ptr()).cache_limit) }
+    }
+
+    fn next_tag(&self) -> &AtomicU32 {
+        // SAFETY: as for `cache_limit`.
+        unsafe { &*std::ptr::addr_of!((*self.header_ptr()).next_tag) }
     }
 
     fn slot(&self, index: usize) -> &Slot {
@@ -428,11 +519,9 @@ impl Arena {
     /// How many bytes of freed blocks may stay resident (in the whole arena, for every process)
     /// so that new blocks reuse their pages; 0 returns every freed block's pages at once.
     pub fn set_cache_limit(&self, bytes: u64) {
-        // SAFETY: the header lives as long as the mapping; the field is only used atomically.
-        let h = unsafe { &*self.region.as_ptr().cast::<Header>() };
         // Relaxed: a hint read under the mutex; a free that still sees the old limit only
         // keeps or returns one block's pages.
-        h.cache_limit.store(bytes, Ordering::Relaxed);
+        self.cache_limit().store(bytes, Ordering::Relaxed);
     }
 
     /// A new owner tag, unique among every process that maps this arena: the tag a new writer
@@ -440,13 +529,11 @@ impl Arena {
     /// its blocks, also when workers start workers of their own (a nested pipeline). Never 0,
     /// the creator's tag.
     pub fn new_tag(&self) -> u32 {
-        // SAFETY: the header lives as long as the mapping; the field is only used atomically.
-        let h = unsafe { &*self.region.as_ptr().cast::<Header>() };
         loop {
             // Relaxed: the read-modify-write alone makes each tag unique; no other memory is
             // published through the counter. It starts at 0 in a fresh memfd (zero-filled), and
             // 0 is skipped, also after the counter wraps.
-            let tag = h.next_tag.fetch_add(1, Ordering::Relaxed);
+            let tag = self.next_tag().fetch_add(1, Ordering::Relaxed);
             if tag != 0 {
                 return tag;
             }
@@ -543,10 +630,10 @@ impl Arena {
         let mut locked = self.lock()?;
         let at = locked.extents().iter().position(|e| e.len >= size)?;
         let nslots = self.nslots;
-        let hint = locked.header().hint as usize;
+        let hint = locked.counters().hint as usize;
         let index = (0..nslots)
             .map(|i| (hint + i) % nslots)
-            .find(|&i| self.slot(i).state.load(Ordering::Acquire) == FREE)?;
+            .find(|&i| self.slot(i).life().state() == FREE)?;
         let ext = &mut locked.extents()[at];
         let off = ext.off;
         ext.off += size;
@@ -554,17 +641,18 @@ impl Arena {
         if ext.len == 0 {
             locked.remove_extent(at);
         }
-        locked.header().hint = ((index + 1) % nslots) as u64;
-        locked.header().live += size;
+        locked.counters().hint = ((index + 1) % nslots) as u64;
+        locked.counters().live += size;
         let slot = self.slot(index);
-        let gen = slot.gen.load(Ordering::Relaxed).wrapping_add(1);
-        slot.gen.store(gen, Ordering::Relaxed);
+        let gen = slot.life().gen().wrapping_add(1);
         slot.off.store(off, Ordering::Relaxed);
         slot.len.store(size, Ordering::Relaxed);
         slot.owner.store(owner, Ordering::Relaxed);
-        slot.refs.store(1, Ordering::Relaxed);
-        // Release: whoever reads WRITING or SHARED (locate, a rebuild) sees the fields above.
-        slot.state.store(WRITING, Ordering::Release);
+        // Release: whoever reads the new life (check, find, a rebuild) sees the fields above. A
+        // plain store: the slot is free, and only allocation (under the mutex) changes a free
+        // slot's life.
+        slot.life
+            .store(Life::new(gen, WRITING, 1).0, Ordering::Release);
         Some(Desc {
             slot: index as u32,
             gen,
@@ -579,9 +667,7 @@ impl Arena {
             return Err(invalid("bad block descriptor: no such slot"));
         }
         let slot = self.slot(desc.slot as usize);
-        if slot.state.load(Ordering::Acquire) == FREE
-            || slot.gen.load(Ordering::Relaxed) != desc.gen
-        {
+        if !slot.life().is(desc.gen) {
             return Err(invalid("bad block descriptor: the block is not live"));
         }
         let (off, len) = (
@@ -604,43 +690,59 @@ impl Arena {
         // Without the mutex (a holder stopped, not dead, for a second): as before it existed.
         let _locked = self.lock();
         self.check(desc)?;
-        if incref {
-            self.incref(desc);
+        if incref && !self.incref(desc) {
+            return Err(invalid("bad block descriptor: too many references"));
         }
-        self.share(desc);
+        if !self.share(desc) {
+            return Err(invalid("bad block descriptor: the block is not live"));
+        }
         Ok(())
     }
 
     /// Adds a reference to a block the caller holds one to (for a message, or a second holder).
-    pub fn incref(&self, desc: &Desc) {
+    /// False, changing nothing, for a stale descriptor (the block was freed; its slot may hold
+    /// another now), or a block at `MAX_REFS`.
+    pub fn incref(&self, desc: &Desc) -> bool {
         let slot = self.slot(desc.slot as usize);
         // Relaxed: the caller holds a reference, so the block cannot be freed meanwhile; the
         // message that carries the new reference orders everything else (ring: release/acquire).
-        slot.refs.fetch_add(1, Ordering::Relaxed);
+        slot.update(Ordering::Relaxed, |l| {
+            (l.is(desc.gen) && l.refs() < MAX_REFS).then(|| Life(l.0 + 1))
+        })
+        .is_some()
     }
 
     /// Marks a block the caller holds as shared: a receiver took it from a message, so that
-    /// `reclaim` leaves it alone when its writer dies.
-    pub fn share(&self, desc: &Desc) {
+    /// `reclaim` leaves it alone when its writer dies. False for a stale descriptor.
+    pub fn share(&self, desc: &Desc) -> bool {
+        // Release: as the old state store; the block's bytes were written before it is shared.
         self.slot(desc.slot as usize)
-            .state
-            .store(SHARED, Ordering::Release);
+            .update(Ordering::Release, |l| {
+                l.is(desc.gen).then(|| Life::new(l.gen(), SHARED, l.refs()))
+            })
+            .is_some()
     }
 
-    /// Drops a reference; the last one frees the block.
-    pub fn decref(&self, desc: &Desc) {
+    /// Drops a reference; the last one frees the block. False, changing nothing, for a stale
+    /// descriptor.
+    pub fn decref(&self, desc: &Desc) -> bool {
         let slot = self.slot(desc.slot as usize);
         // Release, then Acquire on the last: every use of the block by any holder happens
         // before it is freed and reused (the same protocol as `Arc`).
-        if slot.refs.fetch_sub(1, Ordering::Release) != 1 {
-            return;
+        let Some(before) =
+            slot.update(Ordering::Release, |l| l.is(desc.gen).then(|| Life(l.0 - 1)))
+        else {
+            return false;
+        };
+        if before.refs() == 1 {
+            fence(Ordering::Acquire);
+            if let Some(mut locked) = self.lock() {
+                locked.free_slot(desc.slot as usize, desc.gen, false);
+            }
+            // Without the mutex (a holder stopped, not dead, for a second), the block stays
+            // unfreed: its count is 0, so nothing can add a reference, and a rebuild frees it.
         }
-        fence(Ordering::Acquire);
-        if let Some(mut locked) = self.lock() {
-            locked.free_slot(desc.slot as usize, desc.gen);
-        }
-        // Without the mutex (a holder stopped, not dead, for a second), the block stays
-        // unfreed: refs is 0, so a later rebuild frees it.
+        true
     }
 
     /// Finds the live block that holds `[ptr, ptr + len)` (a buffer the caller keeps alive):
@@ -649,7 +751,8 @@ impl Arena {
         let start = self.offset_of(ptr, len)?;
         (0..self.nslots).find_map(|i| {
             let slot = self.slot(i);
-            if slot.state.load(Ordering::Acquire) == FREE {
+            let life = slot.life();
+            if life.state() == FREE {
                 return None;
             }
             let (off, size) = (
@@ -661,7 +764,7 @@ impl Arena {
             }
             Some(Desc {
                 slot: i as u32,
-                gen: slot.gen.load(Ordering::Relaxed),
+                gen: life.gen(),
                 start,
                 len: len as u64,
             })
@@ -677,11 +780,9 @@ impl Arena {
         let mut n = 0;
         for i in 0..self.nslots {
             let slot = self.slot(i);
-            if slot.state.load(Ordering::Acquire) == WRITING
-                && slot.owner.load(Ordering::Relaxed) == owner
-            {
-                let gen = slot.gen.load(Ordering::Relaxed);
-                locked.free_slot(i, gen);
+            let life = slot.life();
+            if life.state() == WRITING && slot.owner.load(Ordering::Relaxed) == owner {
+                locked.free_slot(i, life.gen(), true);
                 n += 1;
             }
         }
@@ -693,9 +794,9 @@ impl Arena {
         let (live_bytes, blocks) = match self.lock() {
             Some(mut locked) => {
                 let blocks = (0..self.nslots)
-                    .filter(|&i| self.slot(i).state.load(Ordering::Acquire) != FREE)
+                    .filter(|&i| self.slot(i).life().state() != FREE)
                     .count() as u64;
-                (locked.header().live, blocks)
+                (locked.counters().live, blocks)
             }
             None => (u64::MAX, u64::MAX),
         };
@@ -887,9 +988,7 @@ mod tests {
             .collect();
         assert_eq!(tags, vec![1, 2, 3, 4, 5, 6]);
         // After a wrap, 0 (the creator's) is skipped.
-        // SAFETY: the header is at the start of the mapping; the field is used atomically.
-        let h = unsafe { &*arena.region.as_ptr().cast::<Header>() };
-        h.next_tag.store(u32::MAX, Ordering::Relaxed);
+        arena.next_tag().store(u32::MAX, Ordering::Relaxed);
         assert_eq!((other.new_tag(), arena.new_tag()), (u32::MAX, 1));
     }
 
@@ -991,6 +1090,47 @@ mod tests {
     }
 
     #[test]
+    fn a_stale_descriptor_changes_nothing_about_the_slots_next_block() {
+        let arena = Arena::create(8 * PAGE, 1).unwrap(); // one slot: the next block reuses it
+        let old = arena.alloc(PAGE, 5).unwrap();
+        assert!(arena.decref(&old)); // freed
+        let new = arena.alloc(PAGE, 5).unwrap();
+        assert_eq!((new.slot, new.gen), (old.slot, old.gen + 1));
+        // Each of these used to act on `new`: lower its count (freeing it under its holder),
+        // raise it (leaking it), or mark it shared (keeping `reclaim` from freeing it).
+        assert!(!arena.decref(&old));
+        assert!(!arena.incref(&old));
+        assert!(!arena.share(&old));
+        assert!(arena.check(&old).is_err());
+        assert!(arena.adopt(&old, true).is_err());
+        let life = arena.slot(new.slot as usize).life();
+        assert_eq!((life.state(), life.refs()), (WRITING, 1));
+        // So `new`'s dead writer's block is still reclaimed, and freed exactly once.
+        assert_eq!(arena.reclaim(5), 1);
+        assert!(!arena.decref(&new));
+        assert_eq!(arena.free_extents(), (8 * PAGE as u64, 1));
+    }
+
+    #[test]
+    fn a_reference_count_at_its_limit_refuses_another() {
+        let arena = Arena::create(4 * PAGE, 2).unwrap();
+        let d = arena.alloc(PAGE, 1).unwrap();
+        arena
+            .slot(d.slot as usize)
+            .life
+            .store(Life::new(d.gen, SHARED, MAX_REFS).0, Ordering::Relaxed);
+        assert!(
+            !arena.incref(&d),
+            "the count would wrap into the state bits"
+        );
+        let life = arena.slot(d.slot as usize).life();
+        assert_eq!(
+            (life.gen(), life.state(), life.refs()),
+            (d.gen, SHARED, MAX_REFS)
+        );
+    }
+
+    #[test]
     fn reclaim_frees_only_a_dead_writers_unshared_blocks() {
         let arena = Arena::create(8 * PAGE, 8).unwrap();
         let writing = arena.alloc(PAGE, 5).unwrap();
@@ -1011,8 +1151,8 @@ mod tests {
         // A block whose last reference went while its dropper died before freeing it.
         arena
             .slot(dropped.slot as usize)
-            .refs
-            .store(0, Ordering::Relaxed);
+            .life
+            .store(Life::new(dropped.gen, WRITING, 0).0, Ordering::Relaxed);
         // SAFETY: the child only takes the arena's mutex and exits, touching nothing the
         // parent's other test threads could hold at the fork.
         let pid = unsafe { libc::fork() };
