@@ -115,10 +115,13 @@ class Ring:
     def max_frame(self) -> int:
         """The longest frame, in bytes (half the ring)."""
     def push(self, data: bytes, timeout: float | None = None) -> None:
-        """Appends a frame, waiting for room; ``ChannelClosed`` if the reader closed."""
+        """Appends a frame, waiting for room; ``ChannelClosed`` if the reader closed; ``OSError``
+        if the reader's position is damaged; ``RuntimeError`` if another thread is pushing."""
     def pop(self, timeout: float | None = None) -> bytes:
         """Takes the next frame, waiting for one; ``ChannelClosed`` once the writer closed and
-        everything was read; ``OSError`` if a frame header is damaged."""
+        everything was read; ``OSError`` if a frame header is damaged; ``RuntimeError`` if
+        another thread is popping. A writer killed before it closed looks like one that is
+        slow: wait with a timeout and check the writer process (the engine polls its workers)."""
     def close_write(self) -> None:
         """The producer's close: the reader drains, then sees the end."""
     def close_read(self) -> None:
