@@ -14,6 +14,10 @@ robust to that:
   the workers spent working. The speedup pipeflow gives over one of its own workers is that share
   times the number of workers; what is lost is the parent's per-batch work, the ramp and the tail.
   The parent's own CPU time over the run is printed too (it shares the cores with the workers).
+- **Bare hardware.** No library at all: one process loops over all the items, then two processes
+  loop over half each, at once (started before the clock, released together, nothing crossing
+  between them). The ratio of the two times is the most speedup this VM gives two processes
+  in that minute, the ceiling's ceiling.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import resource
 import statistics
 import sys
 import time
+from typing import Any
 
 import psutil
 
@@ -51,6 +56,42 @@ def _cpu(procs: list[psutil.Process]) -> float:
 def _own_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+def _loop(n: int, ready: Any, done: Any) -> None:
+    """A bare worker: waits at the barrier, runs ``spin(100)`` ``n`` times, reports its time."""
+    ready.wait()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        spin(100)
+    done.put(time.perf_counter() - t0)
+
+
+def _bare(ctx: Any, parts: int, n: int) -> float:
+    """Wall seconds for ``parts`` processes to loop over ``n / parts`` items each, at once."""
+    ready, done = ctx.Barrier(parts + 1), ctx.SimpleQueue()
+    procs = [ctx.Process(target=_loop, args=(n // parts, ready, done)) for _ in range(parts)]
+    for p in procs:
+        p.start()
+    ready.wait()  # every process is started and waiting: the clock starts with their release
+    t0 = time.perf_counter()
+    for _ in procs:
+        done.get()
+    wall = time.perf_counter() - t0
+    for p in procs:
+        p.join()
+    return wall
+
+
+def bare_hardware(n: int, rounds: int) -> list[float]:
+    """Speedups of two bare processes over one (see the module docs), one per round."""
+    ctx = mp.get_context("forkserver")
+    speedups = []
+    for i in range(rounds):
+        one, two = _bare(ctx, 1, n), _bare(ctx, WORKERS, n)
+        speedups.append(one / two)
+        print(f"- round {i + 1}: one process {one:.2f} s, two {two:.2f} s: {one / two:.2f}x")
+    return speedups
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
             f"- {a} vs {b}: median **{statistics.median(ratios):.2f}x** "
             f"(from {min(ratios):.2f}x to {max(ratios):.2f}x)"
         )
+    print(f"\nBare hardware, {WORKERS} processes sharing nothing over one, spin(100) x {n:,}:")
+    bare = bare_hardware(n, max(3, rounds // 2))
+    print(
+        f"- median **{statistics.median(bare):.2f}x** (from {min(bare):.2f}x to {max(bare):.2f}x)"
+    )
     return 0
 
 
