@@ -23,6 +23,8 @@ pub struct Region {
     ptr: NonNull<u8>,
     len: usize,
     fd: OwnedFd,
+    /// The memfd's identity (device, inode): the same for every mapping of it, in any process.
+    id: (u64, u64),
 }
 
 // SAFETY: the region is plain memory shared with other processes anyway; this type hands out
@@ -71,12 +73,9 @@ impl Region {
 
     /// Maps a region created by another process, whose descriptor this process received.
     pub fn from_fd(fd: OwnedFd) -> io::Result<Region> {
-        // SAFETY: `stat` is a plain C struct for which all-zero bytes are a valid value.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: fstat writes into `st`, which lives for the call.
-        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        // The seals first, then the size: once sealed, the size is final. (The other way round,
+        // a peer could shrink the memfd and seal it between the two calls, and the mapping
+        // would reach past the end of the file.)
         // SAFETY: fcntl on a descriptor we own, without an argument; no memory is touched.
         let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
         if seals < 0 || seals & SIZE_SEALS != SIZE_SEALS {
@@ -84,6 +83,12 @@ impl Region {
                 io::ErrorKind::InvalidData,
                 "the memfd's size is not sealed (not a pipeflow region)",
             ));
+        }
+        // SAFETY: `stat` is a plain C struct for which all-zero bytes are a valid value.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat writes into `st`, which lives for the call.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
         }
         let len = usize::try_from(st.st_size)
             .ok()
@@ -93,6 +98,13 @@ impl Region {
     }
 
     fn map(fd: OwnedFd, len: usize) -> io::Result<Region> {
+        // SAFETY: `stat` is a plain C struct for which all-zero bytes are a valid value.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat writes into `st`, which lives for the call.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let id = (st.st_dev, st.st_ino);
         // SAFETY: a fresh shared mapping of a descriptor we own; the kernel picks the address.
         let ptr = unsafe {
             libc::mmap(
@@ -109,7 +121,12 @@ impl Region {
         }
         let ptr =
             NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
-        Ok(Region { ptr, len, fd })
+        Ok(Region { ptr, len, fd, id })
+    }
+
+    /// The memfd's identity, (device, inode): two regions with the same id map the same memory.
+    pub fn id(&self) -> (u64, u64) {
+        self.id
     }
 
     /// The mapping's length in bytes.
