@@ -84,6 +84,19 @@ def test_open_refuses_a_memfd_whose_size_a_peer_could_change() -> None:
         os.close(fd)
 
 
+def test_two_ring_objects_over_one_memfd_share_its_ends() -> None:
+    """Opening a ring again in the same process gives the same two ends, not a second producer
+    that would write over the first one's frames."""
+    first = Ring(4096)
+    second = Ring.open(first.fd)  # opened before anything was pushed
+    first.push(b"one")
+    first.push(b"two")
+    second.push(b"three")
+    assert [second.pop(timeout=1) for _ in range(3)] == [b"one", b"two", b"three"]
+    with pytest.raises(TimeoutError):
+        first.pop(timeout=0)
+
+
 def test_small_sizes_are_refused() -> None:
     with pytest.raises(ValueError, match="size must be >= 64"):
         Ring(10)

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use pipeflow_core::shm::{Arena, Desc, PopError, Region, Ring, PAGE, RING_HEADER};
+use pipeflow_core::shm::{Arena, Desc, PopError, Ring, PAGE};
 
 use common::{fork_child, wait_status};
 
@@ -67,7 +67,7 @@ fn writer(arena: &Arena, ring: &Ring, owner: u32) -> i32 {
 fn blocks_cross_from_forked_writers_and_a_killed_one_leaks_nothing() {
     let arena = Arena::create(64 * PAGE, 32).unwrap();
     let rings: Vec<Ring> = (0..3)
-        .map(|_| Ring::create(Region::create("arena-test", RING_HEADER + 4096).unwrap()).unwrap())
+        .map(|_| Ring::create("arena-test", 4096).unwrap())
         .collect();
     let pids: Vec<libc::pid_t> = (0..3)
         .map(|w| fork_child(|| writer(&arena, &rings[w], w as u32 + 1)))

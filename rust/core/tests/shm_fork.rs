@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use pipeflow_core::shm::{PopError, Region, Ring, RING_HEADER};
+use pipeflow_core::shm::{PopError, Ring};
 
 use common::{fork_child, wait_status};
 
@@ -23,7 +23,7 @@ fn payload(i: u32) -> Vec<u8> {
 
 #[test]
 fn every_byte_crosses_from_a_forked_producer() {
-    let ring = Ring::create(Region::create("pipeflow-fork", RING_HEADER + 4096).unwrap()).unwrap();
+    let ring = Ring::create("pipeflow-fork", 4096).unwrap();
     let pid = fork_child(|| {
         let mut tx = ring.producer().unwrap();
         for i in 0..MESSAGES {
@@ -55,8 +55,7 @@ fn every_byte_crosses_from_a_forked_producer() {
 #[test]
 fn a_producer_killed_mid_stream_leaves_a_readable_ring() {
     for round in 0..20 {
-        let ring =
-            Ring::create(Region::create("pipeflow-kill", RING_HEADER + 1024).unwrap()).unwrap();
+        let ring = Ring::create("pipeflow-kill", 1024).unwrap();
         let pid = fork_child(|| {
             let mut tx = ring.producer().unwrap();
             let mut i = 0u32;

@@ -8,7 +8,7 @@ use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use pipeflow_core::shm::{PopError, PushError, Region, Ring, RING_HEADER};
+use pipeflow_core::shm::{PopError, PushError, Region, Ring};
 
 use crate::blocking::{deadline, wait, Slice};
 use crate::errors::{channel_closed, dup_fd, os_error, timed_out};
@@ -43,8 +43,9 @@ impl PyRing {
                 "size must be >= 64 bytes, got {size}"
             )));
         }
-        let region = Region::create("pipeflow-ring", RING_HEADER + size).map_err(os_error)?;
-        Ok(PyRing::over(Ring::create(region).map_err(os_error)?))
+        Ok(PyRing::over(
+            Ring::create("pipeflow-ring", size).map_err(os_error)?,
+        ))
     }
 
     /// Maps a ring another process created, from its memfd (the descriptor is duplicated).

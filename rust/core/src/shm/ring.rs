@@ -89,8 +89,8 @@ pub enum PushError {
     TooLarge,
     /// The consumer closed its end.
     Closed,
-    /// The consumer's position in the shared header is one it could not have reached: the ring
-    /// cannot be trusted any more.
+    /// A position in the shared header is one the consumer could not have reached, or the
+    /// producer's own was changed by someone else: the ring cannot be trusted any more.
     Damaged,
 }
 
@@ -101,23 +101,69 @@ pub enum PopError {
     Empty,
     /// The producer closed its end and everything was read.
     Closed,
-    /// A frame header or position is inconsistent: the ring cannot be trusted any more.
+    /// A frame header or position is inconsistent (or the consumer's own position was changed
+    /// by someone else): the ring cannot be trusted any more.
     Damaged,
 }
 
 /// A ring laid out in a region, as this process sees it. It hands out its two ends as handles,
 /// one holder at a time each ([`Ring::producer`], [`Ring::consumer`]), so that threads of this
-/// process cannot race on one end. Across processes the rule is the protocol's: one process
-/// produces and one consumes (e.g. the parent pushes, the child maps the same region with
-/// [`Ring::open`] and pops); never map one region twice for the same end.
+/// process cannot race on one end. Every `Ring` of this process over the same memfd shares the
+/// same two ends (a registry keyed by the memfd's identity), so opening a ring twice does not
+/// make a second producer either. Across processes the rule is the protocol's: one process
+/// produces and one consumes (e.g. the parent pushes, the child maps the ring with
+/// [`Ring::open`] and pops); a second process on one end is seen as damage where it can be
+/// (a shared position that its end's owner did not write), never trusted.
 pub struct Ring {
     #[cfg(not(loom))]
     region: Region,
     #[cfg(loom)]
     mem: std::sync::Arc<LoomMemory>,
     capacity: u64,
+    ends: std::sync::Arc<Ends>,
+}
+
+/// The two ends of one ring in this process (see [`Ring`]).
+struct Ends {
     writer: End,
     reader: End,
+}
+
+impl Ends {
+    fn at(write: u64, read: u64) -> std::sync::Arc<Ends> {
+        std::sync::Arc::new(Ends {
+            writer: End::at(write),
+            reader: End::at(read),
+        })
+    }
+}
+
+/// A memfd's identity (device, inode), and the ends of a live `Ring` of this process over it.
+#[cfg(not(loom))]
+type EndsEntry = ((u64, u64), std::sync::Weak<Ends>);
+
+/// This process's rings, by memfd identity.
+#[cfg(not(loom))]
+static ENDS: std::sync::Mutex<Vec<EndsEntry>> = std::sync::Mutex::new(Vec::new());
+
+/// The ends of the memfd `id`: those of a live `Ring` of this process over it, or new ones at
+/// `positions()` (read only when there are none).
+#[cfg(not(loom))]
+fn ends_of(id: (u64, u64), positions: impl FnOnce() -> (u64, u64)) -> std::sync::Arc<Ends> {
+    // Poisoning is ignored: the list is whole between any two of its operations.
+    let mut all = ENDS.lock().unwrap_or_else(|p| p.into_inner());
+    all.retain(|(_, ends)| ends.strong_count() > 0);
+    if let Some(ends) = all
+        .iter()
+        .find(|(key, _)| *key == id)
+        .and_then(|(_, ends)| ends.upgrade())
+    {
+        return ends;
+    }
+    let (write, read) = positions();
+    let ends = Ends::at(write, read);
+    all.push((id, std::sync::Arc::downgrade(&ends)));
+    ends
 }
 
 /// Under loom: the ring's memory on the heap, each data byte a loom cell (so that loom reports
@@ -161,19 +207,20 @@ impl Ring {
             .map(|_| loom::cell::UnsafeCell::new(0))
             .collect();
         let mem = std::sync::Arc::new(LoomMemory { header, data });
+        let ends = Ends::at(0, 0);
         let other = Ring {
             mem: std::sync::Arc::clone(&mem),
             capacity,
-            writer: End::at(0),
-            reader: End::at(0),
+            ends: std::sync::Arc::clone(&ends),
         };
-        let first = Ring {
-            mem,
-            capacity,
-            writer: End::at(0),
-            reader: End::at(0),
-        };
-        (first, other)
+        (
+            Ring {
+                mem,
+                capacity,
+                ends,
+            },
+            other,
+        )
     }
 
     fn header(&self) -> &Header {
@@ -197,29 +244,33 @@ impl Ring {
 
 #[cfg(not(loom))]
 impl Ring {
-    /// Lays out a new ring over `region`, whose data area is the rest of the region rounded
-    /// down to a power of two.
-    pub fn create(region: Region) -> std::io::Result<Ring> {
-        let avail = region.len().saturating_sub(RING_HEADER);
-        if avail < 64 {
+    /// A new ring in a memfd of its own, `name`d in /proc/PID/fd, with `size` data bytes
+    /// rounded down to a power of two (at least 64).
+    pub fn create(name: &str, size: usize) -> std::io::Result<Ring> {
+        if size < 64 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
-                "region too small",
+                "a ring needs at least 64 data bytes",
             ));
         }
-        let capacity = 1u64 << (63 - (avail as u64).leading_zeros());
+        let len = RING_HEADER.checked_add(size).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "ring too large")
+        })?;
+        let region = Region::create(name, len)?;
+        let capacity = 1u64 << (63 - (size as u64).leading_zeros());
         // SAFETY: the region is page-aligned and at least RING_HEADER bytes, so the header
-        // fits, aligned; nobody else uses this fresh region yet, so plain writes are exclusive.
+        // fits, aligned; it was made just above and its descriptor has not left this function,
+        // so nobody else maps it: plain writes are exclusive.
         unsafe {
             let h = region.as_ptr().cast::<Header>();
             std::ptr::addr_of_mut!((*h).capacity).write(capacity);
             std::ptr::addr_of_mut!((*h).magic).write(MAGIC);
         }
+        let ends = ends_of(region.id(), || (0, 0));
         Ok(Ring {
             region,
             capacity,
-            writer: End::at(0),
-            reader: End::at(0),
+            ends,
         })
     }
 
@@ -248,21 +299,21 @@ impl Ring {
         {
             return Err(bad("ring capacity does not match the region"));
         }
-        let mut ring = Ring {
+        // SAFETY: as above, the header fits and is aligned; its positions are atomics.
+        let h = unsafe { &*region.as_ptr().cast::<Header>() };
+        // Each end starts where the ring's last user of that end left it (0 for a fresh ring),
+        // unless a `Ring` of this process already holds the ends of this memfd.
+        let ends = ends_of(region.id(), || {
+            (
+                h.write.load(Ordering::Acquire),
+                h.read.load(Ordering::Acquire),
+            )
+        });
+        Ok(Ring {
             region,
             capacity,
-            writer: End::at(0),
-            reader: End::at(0),
-        };
-        // Each end starts where the ring's last user of that end left it (0 for a fresh ring).
-        let h = ring.header();
-        let (write, read) = (
-            h.write.load(Ordering::Acquire),
-            h.read.load(Ordering::Acquire),
-        );
-        ring.writer = End::at(write);
-        ring.reader = End::at(read);
-        Ok(ring)
+            ends,
+        })
     }
 
     /// The region, to hand its descriptor to the other process.
@@ -320,13 +371,13 @@ impl Ring {
     /// This process's producer end, or None while another thread of it holds it: a ring has
     /// one writer, and two pushing at once would race on the same bytes.
     pub fn producer(&self) -> Option<Producer<'_>> {
-        let write = self.writer.take()?;
+        let write = self.ends.writer.take()?;
         Some(Producer { ring: self, write })
     }
 
     /// This process's consumer end, or None while another thread of it holds it.
     pub fn consumer(&self) -> Option<Consumer<'_>> {
-        let read = self.reader.take()?;
+        let read = self.ends.reader.take()?;
         Some(Consumer { ring: self, read })
     }
 
@@ -416,7 +467,7 @@ pub struct Producer<'a> {
 
 impl Drop for Producer<'_> {
     fn drop(&mut self) {
-        self.ring.writer.give_back(self.write);
+        self.ring.ends.writer.give_back(self.write);
     }
 }
 
@@ -431,6 +482,11 @@ impl Producer<'_> {
         let cap = ring.capacity;
         let stride = FRAME_HEADER + round8(payload.len() as u64);
         let w = self.write;
+        // Only this end publishes `write`: another value there means another producer (a second
+        // process on this end) or a stray write. Relaxed: our own last store, or damage.
+        if h.write.load(Ordering::Relaxed) != w {
+            return Err(PushError::Damaged);
+        }
         let offset = w % cap;
         let pad = if offset + stride > cap {
             cap - offset
@@ -499,7 +555,7 @@ pub struct Consumer<'a> {
 
 impl Drop for Consumer<'_> {
     fn drop(&mut self) {
-        self.ring.reader.give_back(self.read);
+        self.ring.ends.reader.give_back(self.read);
     }
 }
 
@@ -510,6 +566,10 @@ impl Consumer<'_> {
         let h = ring.header();
         let cap = ring.capacity;
         let mut r = self.read;
+        // Only this end publishes `read` (see `push`).
+        if h.read.load(Ordering::Relaxed) != r {
+            return Err(PopError::Damaged);
+        }
         loop {
             let seq = h.data_seq.load(Ordering::SeqCst);
             // Acquire: pairs with the producer's store of `write` (the frame's bytes are there).
@@ -616,7 +676,7 @@ mod tests {
     use std::thread;
 
     fn ring(data: usize) -> Ring {
-        Ring::create(Region::create("pipeflow-test", RING_HEADER + data).unwrap()).unwrap()
+        Ring::create("pipeflow-test", data).unwrap()
     }
 
     fn reopen(r: &Ring) -> Ring {
@@ -714,25 +774,64 @@ mod tests {
                                           // further behind than the ring is long. The producer neither panics nor overwrites.
         for bad in [1000u64, 49, u64::MAX] {
             r.header().read.store(bad, Ordering::SeqCst);
-            assert_eq!(
-                tx.push(&[2; 8], soon()),
-                Err(PushError::Damaged),
-                "read = {bad}"
-            );
+            let pushed = tx.push(&[2; 8], soon());
+            assert_eq!(pushed, Err(PushError::Damaged), "read = {bad}");
         }
-        drop(tx);
-        let mut tx = r.producer().unwrap();
         r.header().read.store(0, Ordering::SeqCst);
         tx.push(&[3; 8], None).unwrap(); // a sane position again: the ring works
-                                         // The producer's own position is its own: scribbling on the shared `write` does not
-                                         // move it (the consumer, which reads it, reports the damage).
+        assert_eq!(tx.write, 64);
+    }
+
+    #[test]
+    fn a_position_that_its_end_did_not_publish_is_damage() {
+        // Another producer (a second process on this end) moved `write`: this producer refuses
+        // to go on from a position that is not its own, and the consumer sees the damage.
+        let r = ring(128);
+        let mut tx = r.producer().unwrap();
+        tx.push(&[1; 8], None).unwrap(); // write = 16
+        r.header().write.store(32, Ordering::SeqCst);
+        assert_eq!(tx.push(&[2; 8], None), Err(PushError::Damaged));
         r.header().write.store(7, Ordering::SeqCst);
         let mut out = Vec::new();
-        assert_eq!(
-            r.consumer().unwrap().pop(&mut out, None),
-            Err(PopError::Damaged)
+        let mut rx = r.consumer().unwrap();
+        assert_eq!(rx.pop(&mut out, None), Err(PopError::Damaged));
+        // Another consumer moved `read`.
+        let r = ring(128);
+        r.producer().unwrap().push(&[1; 8], None).unwrap();
+        r.header().read.store(16, Ordering::SeqCst);
+        let popped = r.consumer().unwrap().pop(&mut out, soon());
+        assert_eq!(popped, Err(PopError::Damaged));
+    }
+
+    #[test]
+    fn rings_of_one_memfd_in_a_process_share_their_ends() {
+        let first = ring(256);
+        let second = reopen(&first); // opened before anything was pushed
+        first.producer().unwrap().push(b"one", None).unwrap();
+        first.producer().unwrap().push(b"two", None).unwrap();
+        // The second object goes on from where the first's producer stopped: nothing is lost.
+        second.producer().unwrap().push(b"three", None).unwrap();
+        let mut out = Vec::new();
+        let mut rx = first.consumer().unwrap();
+        for want in [&b"one"[..], b"two", b"three"] {
+            rx.pop(&mut out, None).unwrap();
+            assert_eq!(out, want);
+        }
+        assert_eq!(rx.pop(&mut out, soon()), Err(PopError::Empty));
+        // And one holder per end across both objects: no second producer or consumer.
+        let tx = first.producer().unwrap();
+        assert!(second.producer().is_none());
+        assert!(
+            second.consumer().is_none(),
+            "rx still holds the consumer end"
         );
-        assert_eq!(tx.write, 64);
+        drop(rx);
+        assert!(second.consumer().is_some());
+        // Once every object of a memfd is gone, its entry goes: a ring made later is new.
+        drop(tx);
+        drop((first, second));
+        let third = ring(256);
+        assert!(third.producer().is_some() && third.consumer().is_some());
     }
 
     #[test]
