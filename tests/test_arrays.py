@@ -270,6 +270,21 @@ def test_a_stale_descriptor_cannot_touch_the_block_that_reuses_its_slot() -> Non
     assert arena.stats()["blocks"] == 0
 
 
+def test_a_kept_borrowed_block_outlives_its_writer() -> None:
+    """A block a worker lends (a nested pipeline's process stage lends its own) and its borrower
+    keeps is not freed when the lender dies: the borrower still has writable views on it."""
+    arena = Arena(1 << 16, 4)
+    lender = arena.empty(100, 7)  # written by "process 7", never shared
+    assert lender is not None
+    borrowed = arena.borrow(lender.desc)
+    borrowed.keep()
+    assert arena.reclaim(7) == 0  # process 7 died: its unshared blocks are freed, not this one
+    other = arena.empty(100, 0)
+    assert other is not None and other.desc[2] != borrowed.desc[2]  # its pages stay its own
+    del lender, borrowed, other
+    assert arena.stats()["blocks"] == 0
+
+
 def test_arena_size_is_checked() -> None:
     with pytest.raises(ValueError, match="positive int"):
         pf.set_arena_size(0)

@@ -222,15 +222,18 @@ impl PyBlock {
     /// Takes a reference of its own for a borrowed block (no-op if it holds one already). A
     /// `ValueError` if the block was freed meanwhile (its lender dropped it).
     fn keep(&self) -> PyResult<()> {
-        if self.owned.load(Ordering::Relaxed) {
+        // Claimed first, so that two callers cannot both add a reference.
+        if self.owned.swap(true, Ordering::Relaxed) {
             return Ok(());
         }
-        if !self.arena.incref(&self.desc) {
+        // `hold`, not `incref`: the block is shared from now on, so that its writer's death
+        // (a process stage of a nested pipeline lends its own blocks) does not free it.
+        if !self.arena.hold(&self.desc) {
+            self.owned.store(false, Ordering::Relaxed);
             return Err(PyValueError::new_err(
                 "the block is no longer live: its lender freed it before keep()",
             ));
         }
-        self.owned.store(true, Ordering::Relaxed);
         Ok(())
     }
 

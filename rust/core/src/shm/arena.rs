@@ -37,7 +37,8 @@
 //! A stale descriptor (of a block freed since, whose slot may hold another block now) changes
 //! nothing: a slot's generation, state and reference count share one atomic word ([`Life`]), so
 //! `incref`, `decref` and `share` check the generation in the same compare-exchange that makes
-//! their change, and fail on a descriptor of an earlier allocation of the slot.
+//! their change, and fail on a descriptor of an earlier allocation of the slot. (The generation
+//! has 32 bits: a descriptor 2^32 allocations of its slot old would pass again.)
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
@@ -712,6 +713,21 @@ impl Arena {
         .is_some()
     }
 
+    /// Adds a reference for a new holder that is not the block's writer (a process that
+    /// borrowed the block and keeps it) and marks the block shared, in one step: `reclaim` must
+    /// not free it when its writer dies, since this holder still uses it. False, changing
+    /// nothing, for a stale descriptor or a block at `MAX_REFS`.
+    pub fn hold(&self, desc: &Desc) -> bool {
+        let slot = self.slot(desc.slot as usize);
+        // Release: as `share`; the new reference is the caller's own, so nothing else is
+        // published through it.
+        slot.update(Ordering::Release, |l| {
+            (l.is(desc.gen) && l.refs() < MAX_REFS)
+                .then(|| Life::new(l.gen(), SHARED, l.refs() + 1))
+        })
+        .is_some()
+    }
+
     /// Marks a block the caller holds as shared: a receiver took it from a message, so that
     /// `reclaim` leaves it alone when its writer dies. False for a stale descriptor.
     pub fn share(&self, desc: &Desc) -> bool {
@@ -1109,6 +1125,31 @@ mod tests {
         assert_eq!(arena.reclaim(5), 1);
         assert!(!arena.decref(&new));
         assert_eq!(arena.free_extents(), (8 * PAGE as u64, 1));
+    }
+
+    #[test]
+    fn a_kept_borrowed_block_survives_its_writers_death() {
+        let arena = Arena::create(8 * PAGE, 4).unwrap();
+        let lent = arena.alloc(PAGE, 7).unwrap(); // writer 7 lends it, unshared
+        assert!(arena.hold(&lent)); // a borrower keeps it
+        assert_eq!(
+            arena.reclaim(7),
+            0,
+            "reclaim freed a block another holder keeps"
+        );
+        assert!(arena.check(&lent).is_ok());
+        let next = arena.alloc(PAGE, 1).unwrap();
+        assert_ne!(
+            next.start, lent.start,
+            "the kept block's pages were handed out again"
+        );
+        assert!(arena.decref(&lent)); // the borrower's reference; the dead writer's is leaked
+        assert!(arena.check(&lent).is_ok());
+        let stale = Desc {
+            gen: lent.gen + 1,
+            ..lent
+        };
+        assert!(!arena.hold(&stale));
     }
 
     #[test]
