@@ -78,6 +78,9 @@ struct Header {
     cache_limit: AtomicU64,
     // The next owner tag to hand out (see `new_tag`); 0 is the creator's and is never handed out.
     next_tag: AtomicU32,
+    // How many last references were dropped without the mutex (see `decref`): the next locker
+    // frees those blocks.
+    unfreed: AtomicU32,
 }
 
 /// The allocator's counters, guarded by the header's mutex: `Locked` hands out `&mut` to this
@@ -286,6 +289,16 @@ impl Locked<'_> {
         self.insert_free(off, len);
     }
 
+    /// Frees the blocks whose last reference went without the mutex (see `decref`).
+    fn sweep(&mut self) {
+        for i in 0..self.arena.nslots {
+            let life = self.arena.slot(i).life();
+            if life.state() != FREE && life.refs() == 0 {
+                self.free_slot(i, life.gen(), false);
+            }
+        }
+    }
+
     /// Returns the pages of every free extent to the OS.
     fn trim(&mut self) {
         for i in 0..self.counters().nextents as usize {
@@ -467,6 +480,11 @@ impl Arena {
         unsafe { &*std::ptr::addr_of!((*self.header_ptr()).next_tag) }
     }
 
+    fn unfreed(&self) -> &AtomicU32 {
+        // SAFETY: as for `cache_limit`.
+        unsafe { &*std::ptr::addr_of!((*self.header_ptr()).unfreed) }
+    }
+
     fn slot(&self, index: usize) -> &Slot {
         // A real check, also in release builds: the public functions that take a slot index
         // (`incref`, `decref`, ...) are safe, so an index out of range must panic, not read
@@ -609,7 +627,15 @@ impl Arena {
         // the mapping for as long as `self`.
         let rc = unsafe { libc::pthread_mutex_timedlock(self.mutex(), &ts) };
         match rc {
-            0 => Some(Locked { arena: self }),
+            0 => {
+                let mut locked = Locked { arena: self };
+                // Acquire: pairs with the Release of the `decref` that counted its block (its
+                // count of 0 is visible to the sweep).
+                if self.unfreed().swap(0, Ordering::Acquire) > 0 {
+                    locked.sweep();
+                }
+                Some(locked)
+            }
             libc::EOWNERDEAD => {
                 let mut locked = Locked { arena: self };
                 locked.rebuild();
@@ -754,9 +780,12 @@ impl Arena {
             fence(Ordering::Acquire);
             if let Some(mut locked) = self.lock() {
                 locked.free_slot(desc.slot as usize, desc.gen, false);
+            } else {
+                // Without the mutex (a holder stopped, not dead, for a second), the block stays
+                // allocated with a count of 0 (nothing can add a reference now): the next
+                // locker frees it. Release: pairs with that locker's Acquire swap.
+                self.unfreed().fetch_add(1, Ordering::Release);
             }
-            // Without the mutex (a holder stopped, not dead, for a second), the block stays
-            // unfreed: its count is 0, so nothing can add a reference, and a rebuild frees it.
         }
         true
     }
@@ -1150,6 +1179,32 @@ mod tests {
             ..lent
         };
         assert!(!arena.hold(&stale));
+    }
+
+    #[test]
+    fn a_last_reference_dropped_while_the_mutex_is_held_is_freed_by_the_next_locker() {
+        let arena = Arena::create(8 * PAGE, 4).unwrap();
+        let d = arena.alloc(PAGE, 1).unwrap();
+        let held = std::sync::Barrier::new(2);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let locked = arena.lock().unwrap();
+                held.wait();
+                // Longer than a locker waits (LOCK_TIMEOUT_NS): the decref gives up.
+                std::thread::sleep(std::time::Duration::from_millis(1300));
+                drop(locked);
+            });
+            held.wait();
+            assert!(arena.decref(&d));
+        });
+        assert!(
+            arena.check(&d).is_err(),
+            "a block with no reference is not live"
+        );
+        // The next locker (here `stats`) frees it: before, it stayed allocated for good.
+        let stats = arena.stats();
+        assert_eq!((stats.live_bytes, stats.blocks), (0, 0));
+        assert_eq!(arena.free_extents(), (8 * PAGE as u64, 1));
     }
 
     #[test]
