@@ -27,12 +27,6 @@ fn end_busy(what: &str) -> PyErr {
     ))
 }
 
-impl PyRing {
-    fn over(inner: Ring) -> Self {
-        PyRing { inner }
-    }
-}
-
 #[pymethods]
 impl PyRing {
     #[new]
@@ -43,16 +37,18 @@ impl PyRing {
                 "size must be >= 64 bytes, got {size}"
             )));
         }
-        Ok(PyRing::over(
-            Ring::create("pipeflow-ring", size).map_err(os_error)?,
-        ))
+        Ok(PyRing {
+            inner: Ring::create("pipeflow-ring", size).map_err(os_error)?,
+        })
     }
 
     /// Maps a ring another process created, from its memfd (the descriptor is duplicated).
     #[staticmethod]
     fn open(fd: i32) -> PyResult<Self> {
         let region = Region::from_fd(dup_fd(fd)?).map_err(os_error)?;
-        Ok(PyRing::over(Ring::open(region).map_err(os_error)?))
+        Ok(PyRing {
+            inner: Ring::open(region).map_err(os_error)?,
+        })
     }
 
     /// The memfd's descriptor, to pass to a child process (`pass_fds`).
