@@ -37,7 +37,12 @@
 //! A frame header is validated before use: a damaged one is an error ([`PopError::Damaged`]),
 //! never a crash or a hang, even if the other side wrote garbage.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+// An end's holder flag and position live in this process's memory only, and no loom model
+// involves them: std's atomics always, whatever `crate::sync` is.
+use std::sync::atomic as local;
 
 use super::futex;
 #[cfg(not(loom))]
@@ -118,9 +123,9 @@ pub struct Ring {
     #[cfg(not(loom))]
     region: Region,
     #[cfg(loom)]
-    mem: std::sync::Arc<LoomMemory>,
+    mem: Arc<LoomMemory>,
     capacity: u64,
-    ends: std::sync::Arc<Ends>,
+    ends: Arc<Ends>,
 }
 
 /// The two ends of one ring in this process (see [`Ring`]).
@@ -130,8 +135,8 @@ struct Ends {
 }
 
 impl Ends {
-    fn at(write: u64, read: u64) -> std::sync::Arc<Ends> {
-        std::sync::Arc::new(Ends {
+    fn at(write: u64, read: u64) -> Arc<Ends> {
+        Arc::new(Ends {
             writer: End::at(write),
             reader: End::at(read),
         })
@@ -149,7 +154,7 @@ static ENDS: std::sync::Mutex<Vec<EndsEntry>> = std::sync::Mutex::new(Vec::new()
 /// The ends of the memfd `id`: those of a live `Ring` of this process over it, or new ones at
 /// `positions()` (read only when there are none).
 #[cfg(not(loom))]
-fn ends_of(id: (u64, u64), positions: impl FnOnce() -> (u64, u64)) -> std::sync::Arc<Ends> {
+fn ends_of(id: (u64, u64), positions: impl FnOnce() -> (u64, u64)) -> Arc<Ends> {
     // Poisoning is ignored: the list is whole between any two of its operations.
     let mut all = ENDS.lock().unwrap_or_else(|p| p.into_inner());
     all.retain(|(_, ends)| ends.strong_count() > 0);
@@ -162,7 +167,7 @@ fn ends_of(id: (u64, u64), positions: impl FnOnce() -> (u64, u64)) -> std::sync:
     }
     let (write, read) = positions();
     let ends = Ends::at(write, read);
-    all.push((id, std::sync::Arc::downgrade(&ends)));
+    all.push((id, Arc::downgrade(&ends)));
     ends
 }
 
@@ -206,12 +211,12 @@ impl Ring {
         let data = (0..capacity)
             .map(|_| loom::cell::UnsafeCell::new(0))
             .collect();
-        let mem = std::sync::Arc::new(LoomMemory { header, data });
+        let mem = Arc::new(LoomMemory { header, data });
         let ends = Ends::at(0, 0);
         let other = Ring {
-            mem: std::sync::Arc::clone(&mem),
+            mem: Arc::clone(&mem),
             capacity,
-            ends: std::sync::Arc::clone(&ends),
+            ends: Arc::clone(&ends),
         };
         (
             Ring {
@@ -422,16 +427,16 @@ impl Ring {
 /// move this end.
 struct End {
     /// True while a handle holds this end.
-    taken: std::sync::atomic::AtomicBool,
+    taken: local::AtomicBool,
     /// The position, while no handle holds the end (a handle keeps its own copy).
-    pos: std::sync::atomic::AtomicU64,
+    pos: local::AtomicU64,
 }
 
 impl End {
     fn at(pos: u64) -> End {
         End {
-            taken: std::sync::atomic::AtomicBool::new(false),
-            pos: std::sync::atomic::AtomicU64::new(pos),
+            taken: local::AtomicBool::new(false),
+            pos: local::AtomicU64::new(pos),
         }
     }
 
@@ -442,18 +447,17 @@ impl End {
             .compare_exchange(
                 false,
                 true,
-                std::sync::atomic::Ordering::Acquire,
-                std::sync::atomic::Ordering::Relaxed,
+                local::Ordering::Acquire,
+                local::Ordering::Relaxed,
             )
             .ok()?;
         // Relaxed: ordered after the holder's store by the Acquire/Release pair on `taken`.
-        Some(self.pos.load(std::sync::atomic::Ordering::Relaxed))
+        Some(self.pos.load(local::Ordering::Relaxed))
     }
 
     fn give_back(&self, pos: u64) {
-        self.pos.store(pos, std::sync::atomic::Ordering::Relaxed);
-        self.taken
-            .store(false, std::sync::atomic::Ordering::Release);
+        self.pos.store(pos, local::Ordering::Relaxed);
+        self.taken.store(false, local::Ordering::Release);
     }
 }
 
@@ -672,7 +676,6 @@ fn sleep_until(word: &AtomicU32, seen: u32, deadline: Option<Instant>) -> bool {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::thread;
 
     fn ring(data: usize) -> Ring {
