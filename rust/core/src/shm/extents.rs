@@ -142,7 +142,32 @@ impl<'a> Extents<'a> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
     use crate::shm::{Arena, PAGE};
+
+    #[test]
+    fn freed_ranges_merge_with_their_neighbours() {
+        let mut array = [Extent { off: 0, len: 0 }; 4];
+        let mut count = 0;
+        // SAFETY: a local array of 4 extents, of which none are in use yet; only this view uses it.
+        let mut ext = unsafe { Extents::new(array.as_mut_ptr(), &mut count, 4) };
+        ext.rebuild(
+            vec![Extent { off: 40, len: 10 }, Extent { off: 10, len: 10 }],
+            60,
+        );
+        let spans = |ext: &Extents<'_>| -> Vec<(u64, u64)> {
+            ext.as_slice().iter().map(|e| (e.off, e.len)).collect()
+        };
+        assert_eq!(spans(&ext), vec![(0, 10), (20, 20), (50, 10)]);
+        assert_eq!(ext.first_fit(15), Some(1));
+        assert_eq!(ext.take(1, 15), 20);
+        assert_eq!(spans(&ext), vec![(0, 10), (35, 5), (50, 10)]);
+        ext.free(20, 15); // merges with the next
+        ext.free(10, 10); // with both
+        ext.free(40, 10); // with both again
+        assert_eq!(spans(&ext), vec![(0, 60)]);
+        assert_eq!(ext.total(), (60, 1));
+    }
 
     #[test]
     fn blocks_are_pages_and_come_back_merged() {

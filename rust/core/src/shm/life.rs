@@ -197,6 +197,21 @@ mod tests {
     use crate::shm::{Arena, Desc, PAGE};
 
     #[test]
+    fn the_three_fields_share_one_word_without_overlap() {
+        let life = Life::new(u32::MAX, SHARED, MAX_REFS);
+        assert_eq!(
+            (life.gen(), life.state(), life.refs()),
+            (u32::MAX, SHARED, MAX_REFS)
+        );
+        let life = Life::new(7, WRITING, 0);
+        assert_eq!((life.gen(), life.state(), life.refs()), (7, WRITING, 0));
+        assert!(!life.is(7), "a block without references is not live");
+        assert!(Life::new(7, WRITING, 1).is(7));
+        assert!(!Life::new(7, FREE, 1).is(7));
+        assert!(!Life::new(7, SHARED, 1).is(8));
+    }
+
+    #[test]
     fn references_keep_a_block_until_the_last_goes() {
         let arena = Arena::create(8 * PAGE, 4).unwrap();
         let a = arena.alloc(PAGE, 1).unwrap();

@@ -110,3 +110,65 @@ impl Drop for MutexGuard<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shm::Region;
+
+    /// A mutex in a fresh shared mapping, which a forked child shares.
+    fn shared_mutex(region: &Region) -> &RobustMutex {
+        // SAFETY: the region is fresh, page-aligned and large enough for a mutex; it is only
+        // used as this mutex, through `&RobustMutex` (an `UnsafeCell`), for the region's life.
+        let mutex = unsafe { &*region.as_ptr().cast::<RobustMutex>() };
+        // SAFETY: fresh memory, initialised once, before the child is forked.
+        unsafe { mutex.init() }.unwrap();
+        mutex
+    }
+
+    #[test]
+    fn a_lock_held_elsewhere_times_out() {
+        let region = Region::create("pipeflow-test-mutex", 4096).unwrap();
+        let mutex = shared_mutex(&region);
+        let held = std::sync::Barrier::new(2);
+        let done = std::sync::Barrier::new(2);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let guard = mutex.lock(1_000_000_000);
+                held.wait();
+                done.wait();
+                drop(guard);
+            });
+            held.wait();
+            assert!(mutex.lock(10_000_000).is_none(), "locked twice");
+            done.wait();
+        });
+        assert!(matches!(mutex.lock(0), Some(Acquired::Clean(_))));
+    }
+
+    #[test]
+    fn the_next_locker_after_a_dead_holder_is_told_and_recovers() {
+        let region = Region::create("pipeflow-test-mutex", 4096).unwrap();
+        let mutex = shared_mutex(&region);
+        // SAFETY: the child only takes the mutex and exits, touching nothing the parent's other
+        // test threads could hold at the fork.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            std::mem::forget(mutex.lock(1_000_000_000));
+            // SAFETY: ends the child at once, holding the mutex.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child just forked; `status` lives for the call.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        match mutex.lock(1_000_000_000) {
+            Some(Acquired::OwnerDied(guard)) => guard.mark_consistent(),
+            _ => panic!("the dead holder's lock was not reported"),
+        }
+        assert!(matches!(
+            mutex.lock(1_000_000_000),
+            Some(Acquired::Clean(_))
+        ));
+    }
+}
