@@ -9,14 +9,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use pyo3::buffer::PyBuffer;
-use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use pipeflow_core::shm::{Arena, Desc};
 
-use crate::errors::{dup_fd, os_error};
+use crate::errors::{bad_argument, bad_buffer, bad_descriptor, block_freed, dup_fd, os_error};
 
 type DescTuple = (u32, u32, u64, u64);
 
@@ -45,7 +44,7 @@ impl PyArena {
     #[pyo3(signature = (size, slots = 4096))]
     fn new(size: usize, slots: usize) -> PyResult<Self> {
         if size == 0 || slots == 0 || slots > 1 << 24 {
-            return Err(PyValueError::new_err(format!(
+            return Err(bad_argument(format!(
                 "an arena needs size > 0 and 0 < slots <= 16777216, got size={size} slots={slots}"
             )));
         }
@@ -92,9 +91,7 @@ impl PyArena {
     ) -> PyResult<Option<DescTuple>> {
         let buf = PyBuffer::<u8>::get(buffer)?;
         if !buf.is_c_contiguous() {
-            return Err(PyBufferError::new_err(
-                "put() needs a contiguous byte buffer",
-            ));
+            return Err(bad_buffer("put() needs a contiguous byte buffer"));
         }
         let (src, len) = (buf.buf_ptr() as usize, buf.len_bytes());
         if let Some(d) = self.inner.find(src as *const u8, len) {
@@ -126,9 +123,7 @@ impl PyArena {
     #[pyo3(signature = (desc, incref = false))]
     fn adopt(&self, desc: DescTuple, incref: bool) -> PyResult<PyBlock> {
         let d = from_tuple(desc);
-        self.inner
-            .adopt(&d, incref)
-            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        self.inner.adopt(&d, incref).map_err(bad_descriptor)?;
         Ok(PyBlock::new(&self.inner, d, true))
     }
 
@@ -136,9 +131,7 @@ impl PyArena {
     /// itself (the sender keeps the block until it has the answer), unless `keep()` takes one.
     fn borrow(&self, desc: DescTuple) -> PyResult<PyBlock> {
         let d = from_tuple(desc);
-        self.inner
-            .check(&d)
-            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        self.inner.check(&d).map_err(bad_descriptor)?;
         Ok(PyBlock::new(&self.inner, d, false))
     }
 
@@ -230,9 +223,7 @@ impl PyBlock {
         // (a process stage of a nested pipeline lends its own blocks) does not free it.
         if !self.arena.hold(&self.desc) {
             self.owned.store(false, Ordering::Relaxed);
-            return Err(PyValueError::new_err(
-                "the block is no longer live: its lender freed it before keep()",
-            ));
+            return Err(block_freed());
         }
         Ok(())
     }
@@ -265,7 +256,7 @@ impl PyBlock {
         flags: c_int,
     ) -> PyResult<()> {
         if view.is_null() {
-            return Err(PyBufferError::new_err("a null Py_buffer"));
+            return Err(bad_buffer("a null Py_buffer"));
         }
         let (ptr, len) = {
             let b = slf.get();

@@ -1,6 +1,5 @@
 //! `pipeflow.Channel` and `pipeflow.select`: the core channel holding Python objects.
 
-use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyInt};
 
@@ -9,7 +8,7 @@ use pipeflow_core::{
 };
 
 use crate::blocking::{deadline, wait, Slice};
-use crate::errors::{bad_argument, channel_closed, timed_out};
+use crate::errors::{bad_argument, bad_type, channel_closed, send_on_closed, timed_out};
 
 /// A bounded channel of Python objects with Go's rules (see the Python docs in `_core.pyi`).
 #[pyclass(frozen, name = "Channel", module = "pipeflow")]
@@ -157,10 +156,6 @@ impl PyChannel {
     }
 }
 
-fn send_on_closed(py: Python<'_>) -> PyErr {
-    channel_closed(py, "send on a closed channel")
-}
-
 /// Receives from whichever channel is ready first: returns `(index, item)`.
 #[pyfunction]
 #[pyo3(signature = (channels, timeout = None))]
@@ -209,7 +204,7 @@ impl<'py> FromPyObject<'_, 'py> for Capacity {
                 return Ok(Capacity(-1));
             }
         }
-        Err(PyTypeError::new_err(format!(
+        Err(bad_type(format!(
             "capacity must be an int from 0 (a rendezvous channel) to {}, got {}",
             PyChannel::MAX_CAPACITY,
             ob.repr().map_or_else(|_| "?".into(), |r| r.to_string())

@@ -3,13 +3,12 @@
 
 use std::time::Duration;
 
-use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 
-use pipeflow_core::{Pool, SpawnError};
+use pipeflow_core::Pool;
 
 use crate::blocking::{deadline, wait, Slice};
-use crate::errors::bad_argument;
+use crate::errors::{bad_argument, spawn_failed};
 
 /// The pool (see `_core.pyi`).
 #[pyclass(frozen, name = "Pool", module = "pipeflow._core")]
@@ -45,16 +44,7 @@ impl PyPool {
                 drop(func);
             })
         });
-        match self.inner.try_spawn(job) {
-            Ok(()) => Ok(()),
-            Err(SpawnError::ShutDown) => Err(PyRuntimeError::new_err(
-                "the pipeflow pool is shut down; create a new Pool",
-            )),
-            Err(SpawnError::NoThread(e)) => Err(PyRuntimeError::new_err(format!(
-                "pipeflow could not start a thread for a task ({e}): the system's limit on \
-                 threads or memory is reached; use fewer workers, or raise the limit"
-            ))),
-        }
+        self.inner.try_spawn(job).map_err(spawn_failed)
     }
 
     /// Stops accepting jobs, lets queued ones run, waits up to `timeout` seconds (None: no limit)

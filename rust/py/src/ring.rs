@@ -4,27 +4,18 @@
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
-use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use pipeflow_core::shm::{PopError, PushError, Region, Ring};
 
 use crate::blocking::{deadline, wait, Slice};
-use crate::errors::{channel_closed, dup_fd, os_error, timed_out};
+use crate::errors::{bad_argument, dup_fd, end_busy, os_error, pop_failed, push_failed};
 
 /// A single-producer single-consumer ring of byte frames in a memfd (see `_core.pyi`).
 #[pyclass(frozen, name = "Ring", module = "pipeflow._core")]
 pub struct PyRing {
     inner: Ring,
-}
-
-/// The error for a second thread on one end: the ring hands each end to one holder at a time.
-fn end_busy(what: &str) -> PyErr {
-    PyRuntimeError::new_err(format!(
-        "Ring.{what} is already running in another thread: a ring has one writer and one reader \
-         (use it from one thread at a time for each end)"
-    ))
 }
 
 #[pymethods]
@@ -33,7 +24,7 @@ impl PyRing {
     #[pyo3(signature = (size = 1_048_576))]
     fn new(size: usize) -> PyResult<Self> {
         if size < 64 {
-            return Err(PyValueError::new_err(format!(
+            return Err(bad_argument(format!(
                 "size must be >= 64 bytes, got {size}"
             )));
         }
@@ -80,19 +71,7 @@ impl PyRing {
             }
             other => other,
         };
-        match result {
-            Ok(()) => Ok(()),
-            Err(PushError::Full) => Err(timed_out("push timed out: the ring stayed full")),
-            Err(PushError::TooLarge) => Err(PyValueError::new_err(format!(
-                "a frame of {} bytes exceeds the ring's max_frame of {}",
-                data.len(),
-                ring.max_frame()
-            ))),
-            Err(PushError::Closed) => Err(channel_closed(py, "the ring's reader closed it")),
-            Err(PushError::Damaged) => Err(PyOSError::new_err(
-                "the ring is damaged (the reader's position is one it could not have reached)",
-            )),
-        }
+        result.map_err(|e| push_failed(py, e, data.len(), ring.max_frame()))
     }
 
     #[pyo3(signature = (timeout = None))]
@@ -119,11 +98,7 @@ impl PyRing {
         }
         match result {
             Ok(()) => Ok(PyBytes::new(py, &out)),
-            Err(PopError::Empty) => Err(timed_out("pop timed out: the ring stayed empty")),
-            Err(PopError::Closed) => Err(channel_closed(py, "the ring's writer closed it")),
-            Err(PopError::Damaged) => Err(PyOSError::new_err(
-                "the ring is damaged (a frame header failed its check)",
-            )),
+            Err(e) => Err(pop_failed(py, e)),
         }
     }
 

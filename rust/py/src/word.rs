@@ -4,13 +4,12 @@
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use pyo3::exceptions::PyIndexError;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
 use pipeflow_core::shm::SharedWord;
 
-use crate::errors::{dup_fd, os_error};
+use crate::errors::{bad_index, dup_fd, os_error};
 
 /// One shared `i64` (see `_core.pyi`). It reads and writes as a one-item sequence (`w[0]`), so
 /// the engine's per-item loops can use it as the slot where they note the item in hand.
@@ -23,7 +22,7 @@ fn check_index(index: isize) -> PyResult<()> {
     if index == 0 || index == -1 {
         Ok(())
     } else {
-        Err(PyIndexError::new_err("a Word has one item: w[0]"))
+        Err(bad_index("a Word has one item: w[0]"))
     }
 }
 
