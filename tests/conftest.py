@@ -14,7 +14,10 @@ import pytest
 
 from pipeflow import _pool, _process, _shm, _zygote
 
-KINDS = ["thread", "process"]
+# Every way of running a stage: the behaviour suite runs once per way. A backend joins the
+# suite by adding its way here (and to ``way`` below): ``PIPEFLOW_BACKEND`` selects it for every
+# run of the test that names no backend.
+WAYS = ["thread", "process", "serial"]
 
 
 def _os_threads() -> int:
@@ -80,13 +83,31 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
         assert_clean(*before)
 
 
-@pytest.fixture(params=KINDS)
-def kind(request: pytest.FixtureRequest) -> str:
-    """Every way of running a stage: the behaviour suite runs once per kind."""
-    return str(request.param)
+@pytest.fixture(params=WAYS)
+def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every way of running a stage: the local backend's threads and worker processes, and the
+    serial backend (on which the tests marked ``concurrent`` are skipped: they count workers
+    running at once, or time how soon an item in hand is given up)."""
+    way = str(request.param)
+    if way == "serial":
+        if request.node.get_closest_marker("concurrent") is not None:
+            pytest.skip("needs workers apart from the caller; the serial backend has none")
+        monkeypatch.setenv("PIPEFLOW_BACKEND", "serial")
+    return way
+
+
+@pytest.fixture
+def kind(way: str) -> str:
+    """The stage kind of the way under test (the serial backend runs a thread pipeline)."""
+    return "process" if way == "process" else "thread"
 
 
 def pytest_configure(config: pytest.Config) -> None:
     # The arena lives as long as the process (one memfd): made first, so that no test counts it.
     _shm.arena()
     config.addinivalue_line("markers", "leaky: the test leaves threads running on purpose")
+    config.addinivalue_line(
+        "markers",
+        "concurrent: the test needs workers apart from the caller, running at once or stopped "
+        "mid-item (not on the serial backend)",
+    )

@@ -361,15 +361,17 @@ def test_an_early_break_frees_the_blocks_in_flight() -> None:
 
 
 def test_large_results_go_one_to_a_batch() -> None:
-    # Batches aim at CHUNK_SECONDS of work, and at results of ~1 MiB at most: quick items with
-    # 4 MiB results go alone, so that a worker never holds many large results at once.
-    from pipeflow._engine import CHUNK_SECONDS, _StepState
+    # Batches aim at the runner's batch_seconds of work, and at results of ~1 MiB at most:
+    # quick items with 4 MiB results go alone, so that a worker never holds many at once.
+    from pipeflow._process_stage import ProcessRunner
+    from pipeflow._sizing import Sizer
     from pipeflow.pipeline import Pipeline
 
     (step,) = Pipeline().stage(make)._steps
-    st = _StepState(step, 0, 0)
+    traits = ProcessRunner.traits(step)
+    st = Sizer(step, traits)
     st.measure(0.001, 10, 10 * 8)  # tiny results: the time decides
-    assert st.chunk() == round(CHUNK_SECONDS["process"] / 1e-4)
+    assert st.chunk() == round(traits.batch_seconds / 1e-4)
     st.measure(0.001, 10, 10 * (4 << 20))  # 4 MiB each: one to a batch
     assert st.chunk() == 1
 

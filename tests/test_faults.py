@@ -212,6 +212,7 @@ def test_an_error_kills_a_long_item_in_another_worker_process() -> None:
 
 
 @pytest.mark.leaky  # the timed-out thread finishes its sleep in the background
+@pytest.mark.concurrent  # the serial backend cannot interrupt an item (test_serial.py)
 def test_item_timeout(kind: str) -> None:
     def stuck(x: int) -> int:
         if x == 3:
@@ -375,12 +376,18 @@ def test_pool_survives_fork() -> None:
 
 
 def test_no_leftover_threads_after_pool_shutdown() -> None:
-    before = len(os.listdir("/proc/self/task"))
-    pf.Pipeline(kind="thread").stage(abs, workers=6).run(range(100))
     from pipeflow import _pool
 
+    # Earlier tests leave pool threads (they retire after KEEP_ALIVE): shut the pool first, so
+    # that ``before`` counts none of them, and the run below must start threads of its own.
     assert _pool.shutdown_default_pool(timeout=5)
-    assert len(os.listdir("/proc/self/task")) <= before
+    before = len(os.listdir("/proc/self/task"))
+    workers = threading.Barrier(6, timeout=10)  # six tasks at once: six pool threads for sure
+    pf.Pipeline(kind="thread").stage(lambda x: workers.wait(), workers=6).run(range(6))
+    assert _pool.default_pool().threads >= 6
+    assert len(os.listdir("/proc/self/task")) >= before + 6
+    assert _pool.shutdown_default_pool(timeout=5)
+    assert len(os.listdir("/proc/self/task")) == before  # every one of them exited
 
 
 SLOW_ITEMS_CTRL_C_CHILD = """
@@ -420,6 +427,7 @@ def test_cancel_lands_between_items_not_between_batches(kind: str) -> None:
     assert time.monotonic() - t0 < 5  # a whole batch of slow items would take ~20 s
 
 
+@pytest.mark.concurrent  # the serial backend checks the deadline between items
 def test_deadline_does_not_wait_for_slow_items(kind: str) -> None:
     t0 = time.monotonic()
     with pytest.raises(pf.DeadlineExceeded):
@@ -472,6 +480,7 @@ def test_break_returns_while_the_input_blocks(kind: str) -> None:
         q.put(None)  # let the feeder's next() return; it sees the stop and exits
 
 
+@pytest.mark.parametrize("kind", ["thread", "process"])  # the local backend's feeder
 def test_an_input_that_stalls_often_loses_and_repeats_nothing(
     kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -654,9 +663,9 @@ def test_a_task_that_gets_no_thread_fails_the_run_instead_of_hanging(
 ) -> None:
     # The pool refuses a job when the OS refuses the thread it needs (tested in Rust): the run
     # must fail with that error, and stop the tasks that did start.
-    from pipeflow import _engine
+    from pipeflow import _pool
 
-    real = pf._pool.default_pool()
+    real = _pool.default_pool()
 
     class Refusing:
         def __init__(self) -> None:
@@ -669,7 +678,7 @@ def test_a_task_that_gets_no_thread_fails_the_run_instead_of_hanging(
             real.submit(func)
 
     refusing = Refusing()
-    monkeypatch.setattr(_engine, "default_pool", lambda: refusing)
+    monkeypatch.setattr(_pool, "default_pool", lambda: refusing)  # the run's tasks (_tasks)
     with pytest.raises(RuntimeError, match="could not start a thread"):
         pf.Pipeline(kind="thread").stage(abs, workers=4).stage(abs, workers=4).run(range(100))
 

@@ -121,9 +121,16 @@ def test_go_after_failure_starts_nothing() -> None:
 
 def test_wait_without_errors_and_reusable_wait() -> None:
     g = pf.Group()
-    g.go(lambda: None)
-    g.wait()
-    g.wait()
+    release = threading.Event()
+    task = g.go(lambda: release.wait(5) and 7)
+    threading.Timer(0.05, release.set).start()
+    g.wait()  # returns only once the task did, and raises nothing
+    assert task.done() and task.result() == 7
+    assert g.errors == []
+    assert g.context.cancelled  # as errgroup's Wait: the group's context is done after it
+    late = g.go(lambda: pf.current_context().cancelled)  # still runs, and sees that
+    g.wait()  # waits for the late task too, and again raises nothing
+    assert late.done() and late.result() is True
 
 
 def test_body_exception_cancels_tasks_and_propagates() -> None:

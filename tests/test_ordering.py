@@ -6,8 +6,9 @@ import random
 
 import pytest
 
-from pipeflow._engine import _apply_map_fast
-from pipeflow._ordering import SKIP, Batch, Reorderer, child_key
+from pipeflow._apply import _map_fast
+from pipeflow._batch import SKIP, Batch, Slot, child_key
+from pipeflow._ordering import Reorderer
 
 
 def batch(records: list[tuple[object, object]]) -> Batch:
@@ -82,13 +83,13 @@ def test_map_fast_path_names_the_failing_item() -> None:
             raise ValueError(x)
         return x
 
-    slot: list[object] = [None, 0.0]
+    slot = Slot()
     b = Batch(100, list(range(10)))
     with pytest.raises(ValueError):
-        _apply_map_fast(fail_on_6, b, slot, False, [False])
-    assert slot[0] == 6
+        _map_fast(fail_on_6, b, slot, False, [False])
+    assert slot.index == 6
     assert b.key(6) == 106
-    assert _apply_map_fast(abs, Batch(100, [0, -1, 2]), slot, False, [False]) == (
+    assert _map_fast(abs, Batch(100, [0, -1, 2]), slot, False, [False]) == (
         Batch(100, [0, 1, 2]),
         3,
     )

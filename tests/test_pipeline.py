@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 import pipeflow as pf
-from pipeflow import _engine
+from pipeflow import _local, _sizing
+from pipeflow._process_stage import ProcessRunner
 
 
 def inc(x: int) -> int:
@@ -68,6 +69,7 @@ def test_unordered_returns_every_result(kind: str) -> None:
     assert sorted(p.run(range(100))) == list(range(100))
 
 
+@pytest.mark.concurrent
 def test_unordered_yields_in_completion_order(kind: str) -> None:
     def slow_first(x: int) -> int:
         if x == 0:
@@ -120,7 +122,7 @@ def test_iter_is_lazy_on_an_endless_input(kind: str) -> None:
     # few batches per worker and queue slot), the batch being filled, and what the caller was
     # handed but did not take (a batch, and those held back behind it: one per worker).
     slots = 2 + 4  # workers + the default capacity
-    bound = (_engine.WINDOW_BATCHES * slots + 4) * _engine.MAX_CHUNK
+    bound = (_local.WINDOW_BATCHES * slots + 4) * _sizing.MAX_CHUNK
     assert read_ahead < bound
 
 
@@ -241,6 +243,7 @@ def _interval(x: int) -> tuple[int, float, float]:
     return x, start, time.monotonic()
 
 
+@pytest.mark.concurrent
 def test_many_workers_fan_out_and_in(kind: str) -> None:
     out = pf.Pipeline(kind=kind).stage(_interval, workers=8).run(range(64))  # type: ignore[arg-type]
     assert [x for x, _, _ in out] == list(range(64))
@@ -303,10 +306,11 @@ def test_batches_shrink_near_the_end_of_a_known_length(kind_: str) -> None:
     # Guided scheduling: a batch takes at most a 2 * workers-th of what is left, down to
     # TAIL_SECONDS of work, so that the workers finish together.
     (step,) = pf.Pipeline(kind=kind_).stage(inc, workers=2)._steps
-    st = _engine._StepState(step, 0, 0)
+    traits = _local.RUNNERS[kind_].traits(step)
+    st = _sizing.Sizer(step, traits)
     st.measure(0.1, 100, 0)  # 1 ms an item
-    full = round(_engine.CHUNK_SECONDS[kind_] / 0.001)
-    tail = round(_engine.TAIL_SECONDS / 0.001)
+    full = round(traits.batch_seconds / 0.001)
+    tail = round(_sizing.TAIL_SECONDS / 0.001)
     assert st.chunk() == st.chunk(10 * full) == full
     assert st.chunk(2 * full) == -(-2 * full // 4)
     assert st.chunk(1) == tail  # never below the tail size (the feeder takes what is left)
@@ -320,16 +324,17 @@ def test_a_process_steps_batches_grow_with_a_long_run_over_a_known_length(
 ) -> None:
     # Up to an eighth of the run so far, at most GROWN_SECONDS; and still shrinking at the end.
     (step,) = pf.Pipeline().stage(inc, workers=2)._steps
-    st = _engine._StepState(step, 0, 0)
+    traits = ProcessRunner.traits(step)
+    st = _sizing.Sizer(step, traits)
     st.measure(0.1, 100, 0)  # 1 ms an item
-    base = round(_engine.CHUNK_SECONDS["process"] / 0.001)
+    base = round(traits.batch_seconds / 0.001)
     clock = [st.started + 100.0]
-    monkeypatch.setattr(_engine, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(_sizing, "perf_counter", lambda: clock[0])
     assert st.chunk() == base  # a step that does not grow
     st.grows = True
-    assert st.chunk() == round(_engine.GROWN_SECONDS / 0.001)
+    assert st.chunk() == round(_sizing.GROWN_SECONDS / 0.001)
     clock[0] = st.started + 1.0
-    assert st.chunk() == round(_engine.GROWTH * 1.0 / 0.001)
+    assert st.chunk() == round(_sizing.GROWTH * 1.0 / 0.001)
     clock[0] = st.started + 0.01
     assert st.chunk() == base  # never below the usual size
     clock[0] = st.started + 100.0
@@ -350,13 +355,13 @@ def test_only_a_first_process_step_over_a_known_length_grows_its_batches(
     monkeypatch: pytest.MonkeyPatch, kinds: tuple[str, ...], length: bool, grows: list[bool]
 ) -> None:
     seen: list[list[bool]] = []
-    collect = _engine.Run.collect
+    released = _local.Run.released
 
-    def spy(self: _engine.Run) -> Any:
-        seen.append([st.grows for st in self.states])
-        return collect(self)
+    def spy(self: _local.Run, progress: Any = None) -> Any:
+        seen.append([st.grows for st in self.sizers])
+        return released(self, progress)
 
-    monkeypatch.setattr(_engine.Run, "collect", spy)
+    monkeypatch.setattr(_local.Run, "released", spy)
     p = pf.Pipeline()
     for kind in kinds:
         p = p.stage(inc, kind=kind)
@@ -369,13 +374,13 @@ def test_the_feeder_tells_the_first_step_how_many_items_are_left(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     asked: list[int | None] = []
-    chunk = _engine._StepState.chunk
+    chunk = _sizing.Sizer.chunk
 
-    def spy(self: _engine._StepState, remaining: int | None = None) -> int:
+    def spy(self: _sizing.Sizer, remaining: int | None = None) -> int:
         asked.append(remaining)
         return chunk(self, remaining)
 
-    monkeypatch.setattr(_engine._StepState, "chunk", spy)
+    monkeypatch.setattr(_sizing.Sizer, "chunk", spy)
     p = pf.Pipeline(kind="thread").stage(inc)
     assert p.run(list(range(500))) == list(range(1, 501))
     lefts = [n for n in asked if n is not None]

@@ -1,7 +1,8 @@
 """Worker processes over shared-memory rings: results, errors, crashes, timeouts, cleanup.
 
-This is the layer under process stages, tested on its own (conftest checks after every test that
-no child process is left).
+This is the layer under process stages, driven through the runner the engine uses
+(``_process_stage.ProcessRunner``, the ``StageRunner`` protocol), on its own (conftest checks
+after every test that no child process is left).
 """
 
 from __future__ import annotations
@@ -11,19 +12,49 @@ import os
 import re
 import signal
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import psutil
 import pytest
 
 import pipeflow as pf
 from pipeflow import _shm
+from pipeflow._batch import Batch, Slot
 from pipeflow._core import Ring
-from pipeflow._ordering import Batch
-from pipeflow._process import RemoteTraceback, WorkerProcess, recv_message, send_message
+from pipeflow._plan import Step
+from pipeflow._process import WorkerProcess
+from pipeflow._process_stage import ProcessRunner
+from pipeflow._runners import Duty
+from pipeflow._wire import RemoteTraceback, recv_message, send_message
 
 
-def records(values: list[object]) -> Batch:
-    return Batch(0, values)
+@contextlib.contextmanager
+def runner(
+    fn: Callable[[Any], Any],
+    init: Callable[[], Any] | None = None,
+    label: str = "s",
+    timeout: float | None = None,
+) -> Iterator[ProcessRunner]:
+    """A started process runner for a one-worker map step; closed on the way out."""
+    step = Step("map", fn, "s", 1, "process", 2, True, init, timeout)
+    duty = Duty(step, False, label, lambda key: f"input item {key}", [False], lambda: False)
+    r = ProcessRunner(duty)
+    try:
+        r.start()
+        yield r
+    finally:
+        r.close()
+
+
+def run_batch(
+    r: ProcessRunner, values: list[object], slot: Slot | None = None
+) -> tuple[Batch, int]:
+    """One batch through the runner, as the engine's loop sends it: submit, then receive."""
+    slot = Slot() if slot is None else slot
+    r.submit(Batch(0, values), slot)
+    out, n, _, _ = r.receive(slot)
+    return out, n
 
 
 def test_messages_larger_than_a_frame_are_split() -> None:
@@ -42,21 +73,15 @@ def test_messages_larger_than_a_frame_are_split() -> None:
 
 def test_a_lambda_runs_in_a_worker_process() -> None:
     offset = 10
-    w = WorkerProcess("map", lambda x: x + offset, None, "stage 0 ('add')")
-    try:
-        slot: list[object] = [None, 0.0]
-        assert w.run_batch(records([1, 2, 3]), None, slot) == (Batch(0, [11, 12, 13]), 3)
-        assert w.pid != os.getpid()
-    finally:
-        w.stop()
+    with runner(lambda x: x + offset, label="stage 0 ('add')") as r:
+        assert run_batch(r, [1, 2, 3]) == (Batch(0, [11, 12, 13]), 3)
+        assert r.worker.pid != os.getpid()
+        assert (r.counters.batches, r.counters.items_in, r.counters.items_out) == (1, 3, 3)
 
 
 def test_init_state_is_reachable_in_the_worker() -> None:
-    w = WorkerProcess("map", lambda x: (x, pf.worker_state()), lambda: "model", "s")
-    try:
-        assert w.run_batch(records([5]), None, [None, 0.0])[0] == Batch(0, [(5, "model")])
-    finally:
-        w.stop()
+    with runner(lambda x: (x, pf.worker_state()), lambda: "model") as r:
+        assert run_batch(r, [5])[0] == Batch(0, [(5, "model")])
 
 
 def test_an_exception_comes_back_with_type_key_and_remote_traceback() -> None:
@@ -65,26 +90,23 @@ def test_an_exception_comes_back_with_type_key_and_remote_traceback() -> None:
             raise KeyError("three")
         return x
 
-    w = WorkerProcess("map", boom, None, "s")
-    slot: list[object] = [None, 0.0]
-    try:
+    slot = Slot()
+    with runner(boom) as r:
         with pytest.raises(KeyError, match="three") as info:
-            w.run_batch(records([1, 2, 3, 4]), None, slot)
-        assert slot[0] == 2
+            run_batch(r, [1, 2, 3, 4], slot)
+        assert slot.index == 2
         assert isinstance(info.value.__cause__, RemoteTraceback)
         assert "boom" in info.value.__cause__.text
         # The worker goes on after an exception.
-        assert w.run_batch(records([7]), None, slot)[0] == Batch(0, [7])
-    finally:
-        w.stop()
+        assert run_batch(r, [7], slot)[0] == Batch(0, [7])
 
 
 def test_an_exception_in_init_fails_the_start() -> None:
     def init() -> None:
         raise ImportError("no model")
 
-    with pytest.raises(ImportError, match="no model"):
-        WorkerProcess("map", abs, init, "s")
+    with pytest.raises(ImportError, match="no model"), runner(abs, init) as r:
+        r.finish()  # a worker that got no batch still says whether its step loaded
 
 
 @pytest.mark.parametrize(
@@ -104,28 +126,22 @@ def test_a_dying_worker_is_reported_not_a_hang(code: str, expected: str) -> None
             exec(code)
         return x
 
-    w = WorkerProcess("map", die, None, "stage 2 ('die')")
     t0 = time.monotonic()
-    slot: list[object] = [None, 0.0]
-    try:
+    slot = Slot()
+    with runner(die, label="stage 2 ('die')") as r:
         with pytest.raises(pf.WorkerCrashed, match=expected) as info:
-            w.run_batch(records([0, 1, 2]), None, slot)
+            run_batch(r, [0, 1, 2], slot)
         assert "stage 2 ('die')" in str(info.value)
-        assert "while running item 2 of a batch of 3" in str(info.value)
-        assert slot[0] == 1  # the parent knows which item the worker held
+        assert "while running input item 1 (2 of a batch of 3)" in str(info.value)
+        assert slot.index == 1  # the parent knows which item the worker held
         assert time.monotonic() - t0 < 1.0
-    finally:
-        w.stop()
 
 
 def test_a_stuck_worker_is_killed_at_the_timeout() -> None:
-    w = WorkerProcess("map", lambda x: time.sleep(x), None, "s")
-    try:
+    with runner(lambda x: time.sleep(x), timeout=0.2) as r:
         with pytest.raises(TimeoutError, match="was killed"):
-            w.run_batch(records([30]), 0.2, [None, 0.0])
-        assert w.proc.poll() == -signal.SIGKILL
-    finally:
-        w.stop()
+            run_batch(r, [30])
+        assert r.worker.proc.poll() == -signal.SIGKILL
 
 
 def test_an_orphaned_worker_exits_by_itself(tmp_path: object) -> None:
@@ -253,7 +269,7 @@ def test_a_message_paused_between_frames_is_not_torn() -> None:
     ring = Ring(4096)
     message = bytes(range(256)) * 40  # several frames
     data = __import__("pickle").dumps(message, protocol=5)
-    from pipeflow._process import _LAST, _MORE
+    from pipeflow._wire import _LAST, _MORE
 
     step = ring.max_frame - 1
     ring.push(_MORE + data[:step])
@@ -284,7 +300,7 @@ def test_sending_a_large_batch_to_a_dead_worker_raises_instead_of_hanging(
         w.proc.wait()
         big = Batch(0, [bytes(4 << 20)])  # larger than the ring: the push must wait for room
         with pytest.raises(pf.WorkerCrashed, match=r"SIGKILL.*while sending a batch"):
-            w.send(w.encode(big, [None])[0])
+            w.send(w.encode(big, Slot())[0])
     finally:
         w.stop()
 

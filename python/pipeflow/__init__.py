@@ -1,14 +1,21 @@
 """pipeflow: parallel pipelines of Python functions on a Rust core, with Go's discipline.
 
-The layers, bottom up:
+The layers, bottom up (dependencies point one way; see README "How it works"):
 
-- ``_core`` (Rust, pyo3): :class:`Channel` and :func:`select`, and the work-stealing pool that
-  runs every thread stage and group task.
+- ``_core`` (Rust, pyo3): :class:`Channel` and :func:`select`, the work-stealing pool that runs
+  every thread stage and group task, and the shared-memory rings, words and arena.
 - ``_context``, ``_group``: cancellation scopes (:class:`Context`) and errgroup (:class:`Group`).
-- ``pipeline``, ``_engine``, ``_ordering``: the :class:`Pipeline` DSL and the engine that runs it
-  with bounded workers, bounded channels, ordered results and first-error cancellation.
-- ``_process``, ``_worker``, ``_shm``: process stages: worker processes fed through shared-memory
-  rings, and large buffers (numpy arrays) through a shared-memory arena, without copies.
+- ``_plan``, ``_batch``, ``_apply``, ``_state``, ``_wire``: leaves that both sides of a process
+  stage share: the steps, batches, the per-batch loops, :func:`worker_state`, the messages.
+- ``_worker``, ``_zygote``: a worker process's main and the fork server (leaves only).
+- ``_backend``: the backend seam; ``_local`` (threads and worker processes on this machine:
+  ``_runners``, ``_process_stage``, ``_process``, ``_feeder``, ``_sizing``, ``_ordering``,
+  ``_tasks``, ``_shm``) and ``_serial`` (the caller's thread, for debugging).
+- ``pipeline``, ``_results``: the :class:`Pipeline` DSL, and what a run gives back.
+
+:class:`Pipeline`, :class:`StageOptions` and :class:`Results` are imported on first use, so
+that a worker process, which imports this package to reach ``_worker``, loads neither the DSL
+nor an engine.
 
 Example:
     >>> import pipeflow as pf
@@ -16,12 +23,12 @@ Example:
     [1, 2, 3, 4, 5]
 """
 
+import typing as _typing
+
 from ._context import Context as Context
 from ._context import current_context as current_context
 from ._core import Channel as Channel
 from ._core import select as select
-from ._engine import Results as Results
-from ._engine import worker_state as worker_state
 from ._errors import Cancelled as Cancelled
 from ._errors import ChannelClosed as ChannelClosed
 from ._errors import DeadlineExceeded as DeadlineExceeded
@@ -32,8 +39,12 @@ from ._group import Task as Task
 from ._shm import arena_size as arena_size
 from ._shm import empty as empty
 from ._shm import set_arena_size as set_arena_size
-from .pipeline import Pipeline as Pipeline
-from .pipeline import StageOptions as StageOptions
+from ._state import worker_state as worker_state
+
+if _typing.TYPE_CHECKING:
+    from ._results import Results as Results
+    from .pipeline import Pipeline as Pipeline
+    from .pipeline import StageOptions as StageOptions
 
 __all__ = [
     "Cancelled",
@@ -57,3 +68,20 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> _typing.Any:
+    """The names imported on first use (see the module's doc)."""
+    if name in ("Pipeline", "StageOptions"):
+        from . import pipeline as module
+    elif name == "Results":
+        from . import _results as module  # type: ignore[no-redef]
+    else:
+        raise AttributeError(f"module 'pipeflow' has no attribute {name!r}")
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

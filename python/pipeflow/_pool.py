@@ -2,17 +2,18 @@
 
 Created on first use. Threads start on demand and retire after ``KEEP_ALIVE`` seconds idle.
 After ``os.fork()`` the child forgets the parent's pool (its threads do not exist there) and makes
-a new one on first use; at interpreter exit the pool is shut down.
+a new one on first use; at interpreter exit the pool is shut down (the first of the exit steps:
+see ``_runtime``).
 """
 
 from __future__ import annotations
 
-import atexit
-import os
 import sys
 import threading
 import time
 
+from . import _runtime
+from ._context import _BACKGROUND
 from ._core import Pool
 
 __all__ = ["default_pool", "shutdown_default_pool"]
@@ -71,9 +72,6 @@ def _at_exit() -> None:
     so their workers stop at the next item; code that ignores cancellation is waited for, as
     ``concurrent.futures`` waits for its threads. Not waited for: a stopped run's input reader
     blocked in the input's ``next()``, which may never return."""
-    from ._context import _BACKGROUND
-    from ._engine import stalled_feeders
-
     global _exited, _pool
     _BACKGROUND._cancel("the interpreter is exiting", expired=False)
     with _lock:
@@ -84,7 +82,7 @@ def _at_exit() -> None:
     while not pool.shutdown(EXIT_SLICE):
         # Not waited for: a stopped run's input reader blocked in the input's next(). That may
         # never return (an event queue nobody feeds any more), and the exit would hang for good.
-        if pool.running <= stalled_feeders():
+        if pool.running <= _runtime.stalled_readers():
             return
         if warn_at is not None and time.monotonic() >= warn_at:
             warn_at = None
@@ -97,5 +95,5 @@ def _at_exit() -> None:
             )
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
-atexit.register(_at_exit)
+_runtime.after_fork("pool", _after_fork_in_child)
+_runtime.at_exit("pool", _at_exit)

@@ -1,4 +1,5 @@
-"""Worker processes for process stages: start, talk over shared-memory rings, supervise.
+"""One worker process, from the parent's side: start it, load a step, send batches, wait for
+replies while watching it, stop it; and the warm set of idle workers.
 
 ::
 
@@ -8,9 +9,10 @@
       reads on a crash ◄── word "at" (shared) ◄──       the index of the item in hand
 
 Each direction is its own single-writer ring (``pipeflow._core.Ring``, a memfd: nothing to leak in
-/dev/shm), so a worker killed at any instant cannot wedge or corrupt the parent's side. Messages
-are pickled (protocol 5; the step's function and ``init`` with cloudpickle, so lambdas and
-notebook functions work) and split into frames when longer than the ring's ``max_frame``.
+/dev/shm), so a worker killed at any instant cannot wedge or corrupt the parent's side. The
+messages and their framing are ``_wire``'s (the step's function and ``init`` go cloudpickled, so
+lambdas and notebook functions work). What to do with a crash or a timeout (retry, re-send) is
+the process stage runner's (``_process_stage``).
 
 The parent waits for a reply in slices and looks at the worker between them: a worker that died is
 reported as :class:`~pipeflow.WorkerCrashed` with its exit code or signal and the item it held
@@ -31,7 +33,6 @@ are stopped at exit, and exit by themselves if the parent dies.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import pickle
@@ -43,23 +44,31 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import _shm, _zygote
+from . import _runtime, _shm, _zygote
+from ._batch import Batch, Slot
 from ._core import Block, Ring, Word
 from ._errors import ChannelClosed, WorkerCrashed
-from ._ordering import Batch
+from ._wire import (
+    LOADING,
+    POLL,
+    RECEIVING,
+    Done,
+    Ready,
+    Setup,
+    Work,
+    first_unpicklable,
+    raise_failure,
+    recv_message,
+    send_bytes,
+)
 
 __all__ = [
     "QUEUE_BYTES",
-    "RemoteTraceback",
     "Stopped",
     "WorkerProcess",
     "WorkerTimeout",
-    "first_unpicklable",
     "give_back",
     "lease",
-    "recv_message",
-    "send_bytes",
-    "send_message",
     "shutdown_idle",
     "start_method",
 ]
@@ -69,14 +78,9 @@ RING_BYTES = 512 << 10
 # worker reads a request whole before it runs it, so the ring then always has room for the
 # queued one, and the parent never blocks in a push while the worker blocks pushing its reply.
 QUEUE_BYTES = RING_BYTES // 4
-_MORE, _LAST = b"\x01", b"\x00"
-POLL = 0.05  # how often a waiting parent looks at the worker process
 # For a new worker to read its first setup (an interpreter's start). Loading the step after that
 # (unpickling the function, which may import heavy modules, and running ``init``) has no limit.
 START_TIMEOUT = 60.0
-# The shared word's values when the worker holds no item (else: the item's index in its batch).
-RECEIVING = -1  # waiting for a request, or reading one
-LOADING = -2  # loading a step: its function and init
 
 
 class _ClosedRing:
@@ -98,70 +102,6 @@ class WorkerTimeout(TimeoutError):
 
 class Stopped(Exception):
     """The run stopped while a worker held a batch (the worker was killed)."""
-
-
-class RemoteTraceback(Exception):
-    """The traceback of an exception raised in a worker process (its ``__cause__``)."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
-
-    def __str__(self) -> str:
-        return f'\n"""\n{self.text}"""'
-
-
-def send_message(ring: Ring, obj: Any, timeout: float | None = None) -> None:
-    """Pickles ``obj`` and pushes it as one or more frames."""
-    send_bytes(ring, pickle.dumps(obj, protocol=5), timeout)
-
-
-def send_bytes(
-    ring: Ring,
-    data: bytes,
-    timeout: float | None = None,
-    check: Callable[[], None] | None = None,
-) -> None:
-    """Pushes a pickled message as one or more frames. With ``check``, a push that waits for
-    room waits in ``POLL`` slices and calls ``check()`` between them (it raises to give up: the
-    reader died, the run stopped)."""
-    step = ring.max_frame - 1
-    for start in range(0, max(len(data), 1), step):
-        frame = (_MORE if start + step < len(data) else _LAST) + data[start : start + step]
-        if check is None:
-            ring.push(frame, timeout)
-            continue
-        while True:
-            try:
-                ring.push(frame, POLL)
-                break
-            except TimeoutError:
-                check()
-
-
-def recv_message(ring: Ring, timeout: float | None = None, parts: list[bytes] | None = None) -> Any:
-    """Pops frames until a whole message is in, and unpickles it. ``parts`` keeps the frames of
-    a message begun when a ``TimeoutError`` comes, for the next call to go on with."""
-    parts = [] if parts is None else parts
-    while True:
-        frame = ring.pop(timeout)
-        parts.append(frame[1:])
-        if frame[:1] == _LAST:
-            data = b"".join(parts)
-            parts.clear()
-            return pickle.loads(data)
-
-
-def first_unpicklable(values: list[Any]) -> int | None:
-    """The index of the first value that does not pickle (for error messages only)."""
-    import cloudpickle
-
-    for i, value in enumerate(values):
-        try:
-            cloudpickle.dumps(value, protocol=5)
-        except Exception:
-            return i
-    return None
 
 
 def _pickle_mp_main_by_value() -> None:
@@ -307,7 +247,7 @@ class WorkerProcess:
         try:
             # The parent's sys.path, so that functions pickled by reference (from modules the
             # parent imported: a test file, a package under development) import in the child.
-            setup = ("setup", op, cloudpickle.dumps(fn), cloudpickle.dumps(init), sys.path)
+            setup = Setup(op, cloudpickle.dumps(fn), cloudpickle.dumps(init), sys.path)
             send_bytes(
                 self.to_child,
                 pickle.dumps(setup, protocol=5),
@@ -330,8 +270,8 @@ class WorkerProcess:
             reply = self._wait_reply(
                 START_TIMEOUT, what=self._starting, until_read=lambda: self.at[0] == RECEIVING
             )
-            if reply[0] != "ready":
-                self._raise_remote(reply)
+            if type(reply) is not Ready:
+                raise_failure(reply)
         except BaseException:
             self.stop()
             raise
@@ -340,30 +280,18 @@ class WorkerProcess:
     def pid(self) -> int:
         return self.proc.pid
 
-    def run_batch(self, batch: Batch, timeout: float | None, slot: Any) -> tuple[Batch, int]:
-        """Runs the step over ``batch`` in the worker; returns ``(output batch, items run)``.
-
-        On an error, ``slot[0]`` is set to the index in ``batch`` of the item it concerns (for a
-        crash or a timeout, the item the worker held).
-        """
-        request, keep = self.encode(batch, slot)
-        self.send(request)
-        out, n, _ = self.receive(batch, timeout, slot)
-        del keep  # the worker answered: it holds its own references now
-        return out, n
-
     @staticmethod
-    def encode(batch: Batch, slot: Any) -> tuple[bytes, list[Block]]:
+    def encode(batch: Batch, slot: Slot) -> tuple[bytes, list[Block]]:
         """The request for ``batch``, pickled, and the shared-memory blocks of its large
         buffers, to keep until the worker answered; an item that does not pickle is named in
-        ``slot[0]``."""
+        ``slot.index``."""
         try:
             # Pickled here, not in send_message: a failure's traceback then holds no ring.
             payload, descs, keep = batch.encode()
-            return pickle.dumps(("batch", batch.keys, payload, descs), protocol=5), keep
+            return pickle.dumps(Work(batch.keys, payload, descs), protocol=5), keep
         except Exception as e:
             e.add_note("pipeflow: an item could not be pickled to be sent to the worker process")
-            slot[0] = first_unpicklable(batch.values)
+            slot.index = first_unpicklable(batch.values)
             raise
 
     def send(self, request: bytes) -> None:
@@ -390,27 +318,32 @@ class WorkerProcess:
         self,
         batch: Batch,
         timeout: float | None,
-        slot: Any,
+        slot: Slot,
         name: Callable[[int], str] | None = None,
     ) -> tuple[Batch, int, float]:
-        """Waits for the reply to the oldest request (for ``batch``); see :meth:`run_batch`.
-        Returns the output batch, the items run, and the seconds the worker spent on the batch
-        (unpickling, running, pickling: its own clock, so waits in the rings and in the parent
-        are not counted). ``name(i)`` says which item the ``i``-th of the batch is, for a crash
-        or timeout message."""
-        slot[0] = None
+        """Waits for the reply to the oldest request (for ``batch``). Returns the output batch,
+        the items run, and the seconds the worker spent on the batch (unpickling, running,
+        pickling: its own clock, so waits in the rings and in the parent are not counted).
+        ``name(i)`` says which item the ``i``-th of the batch is, for a crash or timeout
+        message. On an error, ``slot.index`` is the index in ``batch`` of the item it concerns
+        (for a crash or a timeout, the item the worker held)."""
+        slot.index = None
         self.confirm()
         try:
             reply = self._wait_reply(timeout, what=lambda: self._doing(len(batch), name))
         except (WorkerCrashed, TimeoutError):
             at = self.at[0]
-            slot[0] = at if 0 <= at < len(batch) else None
+            slot.index = at if 0 <= at < len(batch) else None
             raise
-        if reply[0] == "done":
-            _, keys, count, payload, n, descs, lent, busy = reply
-            return Batch.encoded(keys, payload, count, _shm.adopt(descs, lent)), n, busy
-        slot[0] = reply[3]
-        self._raise_remote(reply)
+        if type(reply) is Done:
+            blocks = _shm.adopt(reply.descs, reply.lent)
+            return (
+                Batch.encoded(reply.keys, reply.payload, reply.size, blocks),
+                reply.n,
+                reply.busy,
+            )
+        slot.index = reply.item
+        raise_failure(reply)
         raise AssertionError("unreachable")
 
     def _doing(self, n: int, name: Callable[[int], str] | None) -> str:
@@ -469,16 +402,6 @@ class WorkerProcess:
                     f"the worker process (pid {self.proc.pid}) was killed"
                 )
 
-    @staticmethod
-    def _raise_remote(reply: Any) -> None:
-        _, payload, tb_text, _key = reply
-        try:
-            error = pickle.loads(payload)
-        except Exception as e:  # the exception itself could not cross: say what it was
-            error = RuntimeError(f"a worker raised an exception that could not be unpickled: {e}")
-        error.__cause__ = RemoteTraceback(tb_text)
-        raise error
-
     def stop(self, timeout: float = 5.0) -> None:
         """Asks the worker to exit, makes sure it did (killing it past ``timeout``), and
         releases both rings (their memfds close with them). Stopping it again does nothing."""
@@ -502,8 +425,8 @@ class WorkerProcess:
         with contextlib.suppress(Exception):  # empty, closed, or a reply cut short by a kill
             while True:
                 reply = recv_message(self.from_child, 0, parts)
-                if reply[0] == "done":  # adopted and dropped: freed (lent ones carry nothing)
-                    _shm.adopt([d for i, d in enumerate(reply[5]) if i not in reply[6]])
+                if type(reply) is Done:  # adopted and dropped: freed (lent ones carry nothing)
+                    _shm.adopt([d for i, d in enumerate(reply.descs) if i not in reply.lent])
 
     def interrupt(self) -> None:
         """Wakes a thread waiting in :meth:`receive` at once (it then sees that the run stopped).
@@ -583,6 +506,5 @@ def _forget_idle_after_fork() -> None:
 
 
 _pickle_mp_main_by_value()
-os.register_at_fork(after_in_child=_forget_idle_after_fork)
-atexit.register(_zygote.shutdown)  # runs after shutdown_idle (atexit runs the last first)
-atexit.register(shutdown_idle)
+_runtime.after_fork("workers", _forget_idle_after_fork)
+_runtime.at_exit("workers", shutdown_idle)

@@ -40,6 +40,7 @@ import sys
 import threading
 from typing import Any, Literal, cast
 
+from . import _runtime
 from ._core import Arena, Block
 
 __all__ = [
@@ -400,4 +401,4 @@ def _forget_after_fork() -> None:
     _lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_after_fork)
+_runtime.after_fork("arena", _forget_after_fork)

@@ -1,15 +1,17 @@
-"""The worker process: ``python -m pipeflow._worker IN_FD OUT_FD AT_FD ARENA_FD TAG PARENT``
-(see ``_process``).
+"""The worker process's main: ``python -m pipeflow._worker IN_FD OUT_FD AT_FD ARENA_FD TAG PARENT``
+(or forked by the fork server, ``_zygote``, which calls :func:`main`). It imports leaves only:
+the wire format, the per-batch loops, the state, the arena; never the engine or the DSL.
 
 It reads requests from the ring on IN_FD and writes replies to the ring on OUT_FD, one at a
-time: ``setup`` (the step's kind, function and init, cloudpickled), then ``batch`` requests, and
-another ``setup`` when the parent reuses this warm worker for another step. Each is answered by
-``ready``/``done`` (the output batch) or ``error`` (the pickled exception, its traceback text and
-the index of the item that raised). Before running each item it writes the item's index into the
-shared word on AT_FD, so that the parent can name the item if this process dies. Large buffers
-come and go through the parent's shared-memory arena on ARENA_FD (``_shm``); TAG names the
-blocks this process writes; PARENT is its parent's pid (this process's parent: the fork server
-for a forked worker). It exits when the parent closes its input ring, or when the parent dies.
+time (``_wire``): a ``Setup`` (the step's op, function and init, cloudpickled), then ``Work``
+requests, and another ``Setup`` when the parent reuses this warm worker for another step. Each
+is answered by ``Ready`` / ``Done`` (the output batch) or ``Failed`` (the exception, its
+traceback text and the index of the item that raised). Before running each item it writes the
+item's index into the shared word on AT_FD, so that the parent can name the item if this process
+dies. Large buffers come and go through the parent's shared-memory arena on ARENA_FD (``_shm``);
+TAG names the blocks this process writes; PARENT is its parent's pid (this process's parent: the
+fork server for a forked worker). It exits when the parent closes its input ring, or when the
+parent dies.
 """
 
 from __future__ import annotations
@@ -19,38 +21,53 @@ import pickle
 import signal
 import sys
 import threading
-import traceback
 from time import perf_counter
 from typing import Any
 
-from . import _shm
+from . import _shm, _state
+from ._apply import Apply, worker_apply
+from ._batch import Batch
 from ._core import Ring, Word
 from ._errors import ChannelClosed
-from ._ordering import Batch
-from ._process import LOADING, RECEIVING, first_unpicklable, recv_message, send_message
+from ._wire import (
+    LOADING,
+    RECEIVING,
+    Done,
+    Failed,
+    Ready,
+    Setup,
+    Work,
+    failure,
+    first_unpicklable,
+    recv_message,
+    send_message,
+)
 
 PARENT_CHECK = 1.0
 
 
-def _error_reply(error: BaseException, key: Any = None) -> tuple[str, bytes, str, Any]:
-    import cloudpickle  # only now: a worker that never fails never imports it
+class WordSlot:
+    """A worker's :class:`~pipeflow._batch.Slot`: the index of the item in hand goes into the
+    word shared with the parent, which reads it if this process dies."""
 
-    text = "".join(traceback.format_exception(error))
-    try:
-        payload = cloudpickle.dumps(error, protocol=5)  # an exception class from __main__ too
-        pickle.loads(payload)
-    except Exception:
-        try:
-            text_of = f"{type(error).__name__}: {error}"
-        except Exception:  # even its message fails: say what can be said
-            text_of = f"{type(error).__name__} (its message could not be read)"
-        payload = pickle.dumps(RuntimeError(text_of), protocol=5)
-    return ("error", payload, text, key)
+    __slots__ = ("track", "word")
+
+    def __init__(self, word: Word) -> None:
+        self.word = word
+        self.track = word.track  # the fast map's: stores each index as it takes the item
+
+    @property
+    def index(self) -> int:
+        return self.word[0]
+
+    @index.setter
+    def index(self, i: int) -> None:
+        self.word[0] = i
 
 
 def _input_index(batch: Batch, out: Batch, j: int) -> int | None:
     """The index in ``batch`` of the item whose output ``j`` of ``out`` is (a flat_map gives
-    some items several outputs, with child keys: see ``_ordering.child_key``)."""
+    some items several outputs, with child keys: see ``_batch.child_key``)."""
     if not isinstance(out.keys, list):
         return j  # one output per input
     index = {batch.key(i): i for i in range(len(batch))}
@@ -68,35 +85,31 @@ def _watch_parent(parent: int) -> None:
     os._exit(70)
 
 
-def _setup(message: tuple[Any, ...]) -> tuple[Any, Any]:
-    """Loads a step: its function and apply loop; runs its init (replacing any earlier state)."""
-    from . import _engine
-
-    _, op, fn_bytes, init_bytes, parent_path = message
-    sys.path[:] = parent_path
-    fn = pickle.loads(fn_bytes)
-    init = pickle.loads(init_bytes)
-    _engine._worker_state.set(init() if init is not None else _engine._NO_STATE)
-    return fn, _engine._WORKER_APPLY[op]
+def _setup(message: Setup) -> tuple[Any, Apply]:
+    """Loads a step: its function and loop; runs its init (replacing any earlier state)."""
+    sys.path[:] = message.path
+    fn = pickle.loads(message.fn)
+    _state.load(pickle.loads(message.init))
+    return fn, worker_apply(message.op)
 
 
 def _answer(
     fn: Any,
-    apply: Any,
+    apply: Apply,
     batch: Batch,
-    at: Word,
+    slot: WordSlot,
     never: list[bool],
     lent: set[tuple[int, int]],
     since: float,
-) -> tuple[Any, ...]:
-    """Runs the step over ``batch``: the reply, ``done`` with the results or ``error``.
-    ``lent``: the request's blocks (the parent's), which a result may hand back unchanged.
-    ``since``: when the request was read (the reply says how long the batch took from then)."""
+) -> Done | Failed:
+    """Runs the step over ``batch``: ``Done`` with the results, or ``Failed``. ``lent``: the
+    request's blocks (the parent's), which a result may hand back unchanged. ``since``: when
+    the request was read (the reply says how long the batch took from then)."""
     try:
-        out, n = apply(fn, batch, at, False, never)  # it sets at[0] to each item's index
+        out, n = apply(fn, batch, slot, False, never)  # it sets the word to each item's index
     except BaseException as e:
-        return _error_reply(e, at[0])
-    at[0] = len(batch)
+        return failure(e, slot.index)
+    slot.index = len(batch)
     try:
         # The values pickled apart: the parent can forward them to a next process stage without
         # unpickling them. The blocks' references go to the parent; a result that is (a view
@@ -106,9 +119,9 @@ def _answer(
     except Exception as e:  # a result that does not pickle: report, don't die
         e.add_note("pipeflow: a result of this batch could not be pickled")
         bad = first_unpicklable(out.values)
-        return _error_reply(e, None if bad is None else _input_index(batch, out, bad))
+        return failure(e, None if bad is None else _input_index(batch, out, bad))
     lent_back = _shm.lent_of(descs, lent)
-    return ("done", out.keys, len(out), payload, n, descs, lent_back, perf_counter() - since)
+    return Done(out.keys, len(out), payload, n, descs, lent_back, perf_counter() - since)
 
 
 def _ignore_interrupt(_signum: int, _frame: Any) -> None:
@@ -122,6 +135,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, _ignore_interrupt)
     inbox, outbox = Ring.open(int(argv[0])), Ring.open(int(argv[1]))
     at = Word.open(int(argv[2]))
+    slot = WordSlot(at)
     _shm.attach(int(argv[3]), int(argv[4]))
     for fd in argv[:4]:
         os.close(int(fd))
@@ -139,10 +153,10 @@ def main(argv: list[str]) -> int:
             try:
                 message = recv_message(inbox)
                 since = perf_counter()
-                if message[0] == "batch":
+                if type(message) is Work:
                     # Views on the parent's blocks, which it keeps until we answer.
-                    blocks = _shm.borrow(message[3])
-                    batch = Batch(message[1], _shm.loads(message[2], blocks))
+                    blocks = _shm.borrow(message.descs)
+                    batch = Batch(message.keys, _shm.loads(message.payload, blocks))
             except ChannelClosed:
                 raise
             except Exception as e:  # the request was read whole, but does not unpickle here
@@ -150,19 +164,19 @@ def main(argv: list[str]) -> int:
                     "pipeflow: the worker process could not unpickle a batch sent to it "
                     "(are the items' classes importable from the worker, not only __main__?)"
                 )
-                send_message(outbox, _error_reply(e))
+                send_message(outbox, failure(e))
                 continue
-            if message[0] == "setup":  # the first request, and again when a warm worker is reused
+            if type(message) is Setup:  # the first request, and again for a warm worker reused
                 at[0] = LOADING  # read: the parent's start-up timeout stops counting
                 try:
                     fn, apply = _setup(message)
                 except BaseException as e:
-                    send_message(outbox, _error_reply(e))
+                    send_message(outbox, failure(e))
                     return 1
-                send_message(outbox, ("ready",))
+                send_message(outbox, Ready())
                 continue
             assert batch is not None
-            reply = _answer(fn, apply, batch, at, never, {b.desc[:2] for b in blocks}, since)
+            reply = _answer(fn, apply, batch, slot, never, {b.desc[:2] for b in blocks}, since)
             # Let go of the items before answering: an input array that stage code kept needs
             # a reference of its own, as the parent lets go of the request's once answered.
             message = batch = None

@@ -37,6 +37,8 @@ import threading
 import time
 from typing import Any, NoReturn
 
+from . import _runtime
+
 __all__ = ["UNKNOWN_EXIT", "Abandoned", "Forked", "server", "server_pid", "shutdown", "start"]
 
 UNKNOWN_EXIT = 1 << 16  # the server died before it could relay a worker's exit status
@@ -306,7 +308,7 @@ def server_pid() -> int | None:
 
 
 def shutdown() -> None:
-    """Stops the server (at exit, after the workers: see ``_process``)."""
+    """Stops the server (at exit, after the idle workers: see ``_runtime``)."""
     global _server
     with _server_lock:
         server, _server = _server, None
@@ -325,7 +327,8 @@ def _forget_after_fork() -> None:
         server.proc.returncode = 0  # not our child: nothing to reap or warn about
 
 
-os.register_at_fork(after_in_child=_forget_after_fork)
+_runtime.after_fork("fork server", _forget_after_fork)
+_runtime.at_exit("fork server", shutdown)
 
 
 # ---------------------------------------------------------------------------- the server
@@ -415,7 +418,7 @@ def main(argv: list[str]) -> int:
         # What every worker imports, imported once here.
         import cloudpickle  # noqa: F401
 
-        from . import _engine, _worker  # noqa: F401
+        from . import _worker  # noqa: F401
 
         threads = len(os.listdir("/proc/self/task"))
         if threads != 1:

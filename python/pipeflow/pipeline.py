@@ -1,27 +1,24 @@
 """The pipeline DSL: :class:`Pipeline` and its steps, argument checks, ``to_mermaid()``.
 
 A pipeline is an immutable chain of steps; each method returns a new pipeline, so a common prefix
-can be shared. Every argument is checked when the step is added, before any worker exists. The
-engine that runs a pipeline lives in ``_engine``.
+can be shared. Every argument is checked when the step is added, before any worker exists. A run
+hands the steps, as a ``_plan.Plan``, to the backend it names (``_backend``): the local one
+(``_local``) by default, or the serial one (``_serial``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypedDict, Unpack
+from collections.abc import Callable, Generator, Iterable
+from typing import Any, TypedDict, Unpack
 
-from ._context import Context
+from . import _local, _serial  # noqa: F401  (they register the "local" and "serial" backends)
+from ._backend import Backend, Source, resolve
+from ._context import Context, current_context
 from ._core import Channel
-
-if TYPE_CHECKING:
-    from ._engine import Results, Run
+from ._plan import KINDS, Kind, Op, Plan, Step
+from ._results import Results, collect, released
 
 __all__ = ["Pipeline", "StageOptions", "Step"]
-
-Kind = Literal["process", "thread"]
-Op = Literal["map", "filter", "flat_map", "batch"]
-_KINDS = ("process", "thread")
-_BACKENDS = (None, "local")
 
 
 class StageOptions(TypedDict, total=False):
@@ -48,24 +45,6 @@ class StageOptions(TypedDict, total=False):
     init: Callable[[], Any] | None
     timeout: float | None
     retries: int
-
-
-class Step(NamedTuple):
-    """One step of a pipeline, as checked and normalised by :class:`Pipeline` (immutable). A
-    named tuple rather than a dataclass: ``dataclasses`` imports ``inspect``, ~15 ms of every
-    worker process's start here."""
-
-    op: Op
-    fn: Callable[[Any], Any] | None
-    name: str
-    workers: int
-    kind: Kind
-    capacity: int
-    ordered: bool
-    init: Callable[[], Any] | None = None
-    timeout: float | None = None
-    retries: int = 0
-    size: int = 0  # batch steps: the largest batch
 
 
 class Pipeline:
@@ -225,7 +204,7 @@ class Pipeline:
         progress: bool = False,
         context: Context | None = None,
         timeout: float | None = None,
-        backend: str | None = None,
+        backend: str | Backend | None = None,
     ) -> list[Any]:
         """Runs the pipeline over ``items`` and returns every result, in input order.
 
@@ -235,8 +214,10 @@ class Pipeline:
             context: cancelling this context stops the run (it raises ``pipeflow.Cancelled``).
             timeout: seconds for the whole run; past it the run stops and raises
                 ``pipeflow.DeadlineExceeded`` (a ``TimeoutError``).
-            backend: where the stages run; only the local engine (None or ``"local"``) exists
-                so far.
+            backend: where the stages run: ``"local"`` (the default: this machine's threads and
+                worker processes), ``"serial"`` (every step in the caller's thread, one item at a
+                time: for ``pdb`` and ``print`` in stage code), or a backend object. None: the
+                ``PIPEFLOW_BACKEND`` environment variable if set, else ``"local"``.
 
         Raises:
             The first exception a stage raised, as the same type, with a note naming the stage
@@ -247,7 +228,7 @@ class Pipeline:
             >>> pf.Pipeline(kind="thread").stage(abs).run([-1, 2, -3])
             [1, 2, 3]
         """
-        return self._run(items, progress, context, timeout, backend).collect()
+        return collect(self._released(items, progress, context, timeout, backend))
 
     def iter(
         self,
@@ -256,7 +237,7 @@ class Pipeline:
         progress: bool = False,
         context: Context | None = None,
         timeout: float | None = None,
-        backend: str | None = None,
+        backend: str | Backend | None = None,
     ) -> Results:
         """Runs the pipeline lazily: results stream out, memory stays bounded.
 
@@ -270,28 +251,23 @@ class Pipeline:
             [0, 1, 4, 9]
             >>> squares.close()
         """
-        return self._run(items, progress, context, timeout, backend).results()
+        return Results.over(self._released(items, progress, context, timeout, backend))
 
-    def _run(
+    def _released(
         self,
         items: Iterable[Any],
         progress: bool,
         context: Context | None,
         timeout: float | None,
-        backend: str | None,
-    ) -> Run:
-        """Checks the arguments of :meth:`run` and :meth:`iter`; a run, not started yet."""
-        from ._engine import Run
-
+        backend: str | Backend | None,
+    ) -> Generator[list[Any], None, None]:
+        """Checks the arguments of :meth:`run` and :meth:`iter`, and hands the plan to the
+        backend: the stream of the run's results, not started yet."""
         _check_bool("progress", progress)
         if context is not None and not isinstance(context, Context):
             raise TypeError(f"context must be a pipeflow.Context, got {type(context).__name__}")
         _check_seconds("timeout", timeout)
-        if backend not in _BACKENDS:
-            raise ValueError(
-                f"backend must be None or 'local' (the Dask backend is not available yet), "
-                f"got {backend!r}"
-            )
+        runner = resolve(backend)
         try:
             source = iter(items)
         except TypeError:
@@ -304,7 +280,8 @@ class Pipeline:
                 total = len(items)  # type: ignore[arg-type]
             except (OverflowError, TypeError):
                 total = None
-        return Run(self._steps, source, total, progress, context, timeout)
+        ctx = Context(timeout=timeout, parent=context or current_context())
+        return released(runner, Plan(self._steps), Source(source, total), progress, ctx)
 
     def to_mermaid(self) -> str:
         """The pipeline as a Mermaid flowchart (paste it into Markdown or a notebook).
@@ -371,5 +348,5 @@ def _check_bool(what: str, value: object) -> None:
 
 
 def _check_kind(kind: object) -> None:
-    if kind not in _KINDS:
+    if kind not in KINDS:
         raise ValueError(f"kind must be 'thread' or 'process', got {kind!r}")

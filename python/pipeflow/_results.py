@@ -1,0 +1,109 @@
+"""The caller's side of a run, the same for every backend: :class:`Results` (what ``iter``
+returns), the list ``run`` returns, and the progress bar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._backend import Backend, Source
+    from ._context import Context
+    from ._plan import Plan
+
+__all__ = ["Results", "collect", "released"]
+
+
+class Results(itertools.chain):  # type: ignore[type-arg]
+    """What :meth:`Pipeline.iter` returns: the results one by one, in input order.
+
+    It walks the lists of results the run releases at C speed (an ``itertools.chain``), so
+    taking an item costs no Python frame. ``close()`` stops the run and waits for its workers,
+    as closing a generator does; so does leaving a ``with`` block over it, and dropping the last
+    reference to it.
+
+    Example:
+        >>> import itertools, pipeflow as pf
+        >>> results = pf.Pipeline(kind="thread").stage(str).iter(itertools.count())
+        >>> next(results), next(results)
+        ('0', '1')
+        >>> results.close()  # stops reading the endless input; nothing is left running
+        >>> with pf.Pipeline(kind="thread").stage(str).iter(itertools.count()) as results:
+        ...     next(results)
+        '0'
+    """
+
+    _released: Generator[list[Any], None, None]
+
+    @classmethod
+    def over(cls, released: Generator[list[Any], None, None]) -> Results:
+        # from_iterable makes an instance of ``cls`` (typeshed says chain): see the test.
+        results: Results = cls.from_iterable(released)  # type: ignore[assignment]
+        results._released = released
+        return results
+
+    def close(self) -> None:
+        """Stops the run (if it is still going) and waits until nothing of it is left."""
+        self._released.close()
+
+    def __enter__(self) -> Results:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            # Ctrl-C in the block's body stops the run as Ctrl-C inside next() does: without
+            # waiting for the items in hand (they finish in the background).
+            with contextlib.suppress(KeyboardInterrupt, StopIteration):
+                self._released.throw(KeyboardInterrupt())
+        self.close()
+
+
+def collect(released: Generator[list[Any], None, None]) -> list[Any]:
+    """Every result of a run, in a list built a list at a time."""
+    out: list[Any] = []
+    for values in released:
+        out.extend(values)
+    return out
+
+
+def released(
+    backend: Backend, plan: Plan, source: Source, progress: bool, ctx: Context
+) -> Generator[list[Any], None, None]:
+    """The backend's stream of a run (checked at once), with the progress bar around it."""
+    if not progress:
+        return backend.stream(plan, source, ctx, None)
+    bar = _progress_bar(source.total)
+
+    def update(done: int) -> None:
+        bar.update(done - bar.n)
+
+    try:
+        stream = backend.stream(plan, source, ctx, update)
+    except BaseException:
+        bar.close()
+        raise
+    return _with_bar(stream, bar)
+
+
+def _with_bar(
+    stream: Generator[list[Any], None, None], bar: Any
+) -> Generator[list[Any], None, None]:
+    try:
+        yield from stream
+    finally:
+        stream.close()  # at once, also when this generator is dropped before it started
+        bar.close()
+
+
+def _progress_bar(total: int | None) -> Any:
+    """A tqdm bar (the notebook widget inside Jupyter) that starts no monitor thread: the
+    backend's progress updates it, and a run leaves no thread behind."""
+    from tqdm.auto import tqdm
+
+    class Bar(tqdm):  # type: ignore[misc]
+        monitor_interval = 0
+
+    return Bar(total=total, unit="item", dynamic_ncols=True)
