@@ -42,7 +42,7 @@ class Step(NamedTuple):
 class Plan:
     """The steps of one pipeline and what follows from their order (see the module's doc)."""
 
-    __slots__ = ("may_skip", "segment_of", "segments", "steps")
+    __slots__ = ("_batchers", "may_skip", "segment_of", "segments", "steps")
 
     def __init__(self, steps: tuple[Step, ...]) -> None:
         self.steps = steps
@@ -56,6 +56,7 @@ class Plan:
             if step.op == "batch":
                 segment += 1
         self.segments = segment + 1  # the last one ends at the caller
+        self._batchers = [i for i, s in enumerate(steps) if s.op == "batch"]
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -83,7 +84,7 @@ class Plan:
 
     def batchers(self) -> list[int]:
         """The indices of the batch steps, in order: batcher ``k`` starts segment ``k + 1``."""
-        return [i for i, s in enumerate(self.steps) if s.op == "batch"]
+        return list(self._batchers)
 
     def position(self, segment: int, key: Any) -> str:
         """Names the item with ``key`` of ``segment`` in a message: ``input item 7``, ``batch 3
@@ -92,7 +93,7 @@ class Plan:
         if segment == 0:
             text = f"input item {top}"
         else:
-            index = self.batchers()[segment - 1]
+            index = self._batchers[segment - 1]  # named for every batch a worker answers
             text = f"batch {top} of step {index} ({self.steps[index].name!r})"
         if isinstance(key, tuple):
             # "N of M" counts from 1, as "2 of a batch of 5" does; "input item 7" is an index.
