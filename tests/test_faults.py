@@ -74,7 +74,7 @@ def test_error_after_a_batch_names_the_batch(kind: str) -> None:
     p = pf.Pipeline(kind=kind).batch(4).stage(fail)  # type: ignore[arg-type]
     with pytest.raises(ValueError) as info:
         p.run(range(20))
-    assert "batch 2 of step 0 ('batch(4)')" in info.value.__notes__[-1]
+    assert "batch 2 of stage 0 ('batch(4)'): [8, 9, 10, 11]" in info.value.__notes__[-1]
 
 
 def test_error_in_flat_map_child_names_the_output(kind: str) -> None:
@@ -86,7 +86,7 @@ def test_error_in_flat_map_child_names_the_output(kind: str) -> None:
     p = pf.Pipeline(kind=kind).flat_map(lambda x: [x * 100 + i for i in range(3)]).stage(fail)  # type: ignore[arg-type]
     with pytest.raises(ValueError) as info:
         p.run(range(3))
-    assert "input item 1 (flat_map output 3 of 3)" in info.value.__notes__[-1]
+    assert "input item 1, flat_map output 2 (3 outputs): 102" in info.value.__notes__[-1]
 
 
 def test_error_from_the_input_iterable(kind: str) -> None:
@@ -570,7 +570,7 @@ def _dies_at_40000(x: int) -> int:
 
 def test_a_crash_deep_in_a_large_batch_names_the_exact_item() -> None:
     # Quick items travel thousands to a batch; the worker's shared word says which it held.
-    pattern = r"exited with code 3 .* while running input item 40000 \(\d+ of a batch of \d+\)"
+    pattern = r"exited with code 3 .* while running input item 40000 \(item \d+ of a batch of \d+\)"
     with pytest.raises(pf.WorkerCrashed, match=pattern) as info:
         pf.Pipeline().stage(_dies_at_40000, workers=2).run(range(60_000))
     assert "on input item 40000" in info.value.__notes__[-1]

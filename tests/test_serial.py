@@ -89,7 +89,8 @@ def test_an_exception_keeps_the_stage_codes_own_frames() -> None:
     assert info.value.__cause__ is None  # no remote traceback: the frames are right here
     assert info.traceback[-1].name == "check"
     assert (
-        info.value.__notes__[-1] == "pipeflow: raised in stage 1 ('check', serial) on input item 3"
+        info.value.__notes__[-1]
+        == "pipeflow: raised in stage 1 ('check', serial) on input item 3: 3"
     )
 
 
@@ -104,14 +105,14 @@ def test_positions_after_a_batch_and_in_a_flat_map_are_named_as_locally() -> Non
         p.run(range(4), backend="serial")
     # [0, 5], [1, 6], [2, 7], ...: sums 5, 7, 9: batch 2 of the batch step.
     assert (
-        "stage 3 ('fail_on_9', serial) on batch 2 of step 1 ('batch(2)')"
+        "stage 3 ('fail_on_9', serial) on batch 2 of stage 1 ('batch(2)'): 9"
         in (info.value.__notes__[-1])
     )
     with pytest.raises(ZeroDivisionError) as info:
         pf.Pipeline().flat_map(lambda x: [1, 1, 0]).stage(lambda v: 1 // v).run(
             [7], backend="serial"
         )
-    assert "input item 0 (flat_map output 3 of 3)" in info.value.__notes__[-1]
+    assert "input item 0, flat_map output 2 (3 outputs): 0" in info.value.__notes__[-1]
 
 
 def test_init_runs_once_per_step_before_any_item() -> None:

@@ -32,7 +32,9 @@ from ._core import select as select
 from ._errors import Cancelled as Cancelled
 from ._errors import ChannelClosed as ChannelClosed
 from ._errors import DeadlineExceeded as DeadlineExceeded
+from ._errors import ItemTimeout as ItemTimeout
 from ._errors import PipeflowError as PipeflowError
+from ._errors import RemoteError as RemoteError
 from ._errors import WorkerCrashed as WorkerCrashed
 from ._group import Group as Group
 from ._group import Task as Task
@@ -53,8 +55,10 @@ __all__ = [
     "Context",
     "DeadlineExceeded",
     "Group",
+    "ItemTimeout",
     "PipeflowError",
     "Pipeline",
+    "RemoteError",
     "Results",
     "StageOptions",
     "Task",

@@ -166,12 +166,13 @@ class Slot:
     (``_apply``) write ``index`` and ``since``; a worker process's slot writes ``index`` into the
     word it shares with its parent instead (``_worker``)."""
 
-    __slots__ = ("batch", "index", "since")
+    __slots__ = ("batch", "index", "shown", "since")
 
     def __init__(self) -> None:
         self.index: int | None = None
         self.since = 0.0
         self.batch: Batch | None = None
+        self.shown: str | None = None  # the item's repr, from whoever had it (a worker process)
 
     def key(self) -> Key | None:
         """The key of the item in hand, if any."""
@@ -180,6 +181,18 @@ class Slot:
             return None
         return batch.key(index)
 
+    def value(self) -> str | None:
+        """A short repr of the item in hand, if it can be had without unpickling a batch."""
+        from ._remote import item_repr
+
+        index, batch = self.index, self.batch
+        if self.shown is not None or index is None or batch is None:
+            return self.shown
+        if batch.encoded_now or not 0 <= index < len(batch):
+            return None
+        return item_repr(batch.values[index])
+
     def clear(self) -> None:
         self.index = None
         self.batch = None
+        self.shown = None

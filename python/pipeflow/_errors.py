@@ -10,7 +10,9 @@ __all__ = [
     "Cancelled",
     "ChannelClosed",
     "DeadlineExceeded",
+    "ItemTimeout",
     "PipeflowError",
+    "RemoteError",
     "WorkerCrashed",
 ]
 
@@ -57,5 +59,38 @@ class WorkerCrashed(PipeflowError):
     """A worker process died (a signal or an exit code) while it held an item."""
 
 
-for _cls in (PipeflowError, ChannelClosed, Cancelled, DeadlineExceeded, WorkerCrashed):
+class ItemTimeout(PipeflowError, TimeoutError):
+    """An item took longer than its stage's ``timeout=`` (also a :class:`TimeoutError`).
+
+    A process stage's worker that held it is killed (and replaced); a thread cannot be
+    stopped, so a thread stage's item finishes in the background. A ``TimeoutError`` that the
+    stage's own code raises comes back as it is, not as this.
+
+    Example:
+        >>> import time, pipeflow as pf
+        >>> try:
+        ...     pf.Pipeline(kind="thread").stage(time.sleep, timeout=0.05).run([0.0, 0.5])
+        ... except pf.ItemTimeout as e:
+        ...     print("timed out:", isinstance(e, TimeoutError))
+        timed out: True
+    """
+
+
+class RemoteError(PipeflowError):
+    """Stands for an exception a worker process raised that could not be made again in this
+    process (its class does not unpickle here: a module the worker imported but this process
+    cannot). ``type_name`` is the original's ``module.qualname``; the message is its text."""
+
+    type_name: str = ""
+
+
+for _cls in (
+    PipeflowError,
+    ChannelClosed,
+    Cancelled,
+    DeadlineExceeded,
+    WorkerCrashed,
+    ItemTimeout,
+    RemoteError,
+):
     _cls.__module__ = "pipeflow"

@@ -51,13 +51,13 @@ from ._backend import Progress, Source, register
 from ._batch import Batch, Slot
 from ._context import Context, _current
 from ._core import Channel
-from ._errors import ChannelClosed
+from ._errors import ChannelClosed, ItemTimeout
 from ._feeder import Feeder
 from ._ordering import Reorderer, Window
 from ._plan import Plan
 from ._pool import default_pool
 from ._process_stage import ProcessRunner
-from ._runners import Duty, StageRunner, ThreadRunner
+from ._runners import Duty, Once, StageRunner, ThreadRunner
 from ._sizing import MAX_CHUNK, Sizer
 from ._tasks import Tasks
 
@@ -118,6 +118,7 @@ class Run:
             for i, (step, kind) in enumerate(zip(plan.steps, self.runner_types, strict=True))
         ]
         self.slots = [[Slot() for _ in range(step.workers)] for step in plan.steps]
+        self.once = [Once() for _ in plan.steps]
         self.task_ids: list[list[int]] = [[] for _ in plan.steps]
         self.workers_left = [step.workers for step in plan.steps]
         # channels[i] feeds step i; the last one feeds the caller.
@@ -223,8 +224,10 @@ class Run:
     def _where(self, index: int, worker: int, slot: Slot | None = None) -> str:
         """Names a worker of step ``index`` (and the item in hand in ``slot``) in a message."""
         kind = self.plan.steps[index].kind
-        key = None if slot is None else slot.key()
-        return self.plan.where(index, f"{kind} worker {worker}", key)
+        key = value = None
+        if slot is not None:
+            key, value = slot.key(), slot.value()
+        return self.plan.where(index, f"{kind} worker {worker}", key, value)
 
     # ----------------------------------------------------------------- tasks
 
@@ -261,6 +264,7 @@ class Run:
             lambda key: plan.position(segment, key),
             self._stop_flag,
             self.sizers[index].quick,
+            self.once[index],
         )
         runner: StageRunner | None = None
         try:
@@ -429,10 +433,10 @@ class Run:
                 if key is not None and now - slot.since > limit:
                     self.tasks.abandon(self.task_ids[index][w])
                     self._fail(
-                        TimeoutError(
+                        ItemTimeout(
                             f"an item took longer than timeout={limit} s; the thread running "
                             "it cannot be stopped and finishes in the background"
                         ),
-                        self.plan.where(index, f"{step.kind} worker {w}", key),
+                        self._where(index, w, slot),
                     )
                     return

@@ -88,24 +88,27 @@ class Plan:
 
     def position(self, segment: int, key: Any) -> str:
         """Names the item with ``key`` of ``segment`` in a message: ``input item 7``, ``batch 3
-        of step 2 ('batch(4)')``, with ``(flat_map output 2 of 5)`` for a flat_map's output."""
+        of stage 2 ('batch(4)')``, then ``, flat_map output 1 (2 outputs)`` for each flat_map
+        the item came out of. Every position counts from 0, as Python's indices do."""
         top = key if isinstance(key, int) else key[0]
         if segment == 0:
             text = f"input item {top}"
         else:
             index = self._batchers[segment - 1]  # named for every batch a worker answers
-            text = f"batch {top} of step {index} ({self.steps[index].name!r})"
+            text = f"batch {top} of stage {index} ({self.steps[index].name!r})"
         if isinstance(key, tuple):
-            # "N of M" counts from 1, as "2 of a batch of 5" does; "input item 7" is an index.
-            path = ", ".join(f"{key[j] + 1} of {key[j + 1]}" for j in range(1, len(key), 2))
-            text += f" (flat_map output {path})"
+            for j in range(1, len(key), 2):
+                count = key[j + 1]
+                text += f", flat_map output {key[j]} ({count} output{'s' * (count != 1)})"
         return text
 
-    def where(self, index: int, worker: str, key: Any = None) -> str:
-        """Names step ``index`` (and the item with ``key``, if any) in a message: ``stage 1
-        ('check', thread worker 2) on input item 7``. ``worker`` says what ran it."""
+    def where(self, index: int, worker: str, key: Any = None, value: str | None = None) -> str:
+        """Names step ``index`` (and the item with ``key``, if any, and its short repr
+        ``value``) in a message: ``stage 1 ('check', thread worker 2) on input item 7: 'x7'``.
+        ``worker`` says what ran it."""
         step = self.steps[index]
         text = f"stage {index} ({step.name!r}, {worker})"
         if key is None:
             return text
-        return f"{text} on {self.position(self.segment_of[index], key)}"
+        text = f"{text} on {self.position(self.segment_of[index], key)}"
+        return text if value is None else f"{text}: {value}"

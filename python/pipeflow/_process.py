@@ -41,13 +41,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from . import _runtime, _shm, _zygote
 from ._batch import Batch, Slot
 from ._core import Block, Ring, Word
-from ._errors import ChannelClosed, WorkerCrashed
+from ._errors import ChannelClosed, ItemTimeout, WorkerCrashed
+from ._shipping import Packed, pack
 from ._wire import (
     LOADING,
     POLL,
@@ -66,7 +68,6 @@ __all__ = [
     "QUEUE_BYTES",
     "Stopped",
     "WorkerProcess",
-    "WorkerTimeout",
     "give_back",
     "lease",
     "shutdown_idle",
@@ -81,6 +82,11 @@ QUEUE_BYTES = RING_BYTES // 4
 # For a new worker to read its first setup (an interpreter's start). Loading the step after that
 # (unpickling the function, which may import heavy modules, and running ``init``) has no limit.
 START_TIMEOUT = 60.0
+# A warm worker keeps the functions (and inits) of its last few steps, unpickled, so that a run
+# of an unchanged function sends its key alone; within this many bytes of pickles (besides the
+# step loaded now).
+KEEP = 8
+KEEP_BYTES = 1 << 30
 
 
 class _ClosedRing:
@@ -93,11 +99,6 @@ class _ClosedRing:
 
 
 _CLOSED: Any = _ClosedRing()
-
-
-class WorkerTimeout(TimeoutError):
-    """The parent killed a worker that held a batch past its ``timeout`` (unlike a
-    ``TimeoutError`` the stage's own code raised, which comes back as it is)."""
 
 
 class Stopped(Exception):
@@ -212,6 +213,9 @@ class WorkerProcess:
             self.proc = _start_process("spawn", self._new_channels(), self.tag)
         self.interrupted = False  # see interrupt
         self.unconfirmed = False  # a setup was sent whose answer is not read yet
+        # The keys of the pickled functions (and inits) the worker keeps, and their sizes:
+        # a warm worker is sent an unchanged function's key alone.
+        self.holds: OrderedDict[bytes, int] = OrderedDict()
         if attach is not None:
             attach(self)
         self.setup(op, fn, init, label, stopping, confirm)
@@ -242,12 +246,12 @@ class WorkerProcess:
         :func:`give_back` call first) reads the answer, raising what ``init`` raised."""
         self.label = label
         self.stopping = stopping
-        import cloudpickle
-
         try:
+            fn = fn if isinstance(fn, Packed) else pack(fn, label)
+            init = init if isinstance(init, Packed) else pack(init, label)
             # The parent's sys.path, so that functions pickled by reference (from modules the
             # parent imported: a test file, a package under development) import in the child.
-            setup = Setup(op, cloudpickle.dumps(fn), cloudpickle.dumps(init), sys.path)
+            setup = Setup(op, self._offer(fn), self._offer(init), sys.path, self._kept())
             send_bytes(
                 self.to_child,
                 pickle.dumps(setup, protocol=5),
@@ -259,6 +263,26 @@ class WorkerProcess:
         self.unconfirmed = True
         if confirm:
             self.confirm()
+
+    def _offer(self, packed: Packed) -> tuple[bytes, bytes | None]:
+        """What a setup says of a function: its key, and its bytes if the worker has not got
+        them yet (a warm worker keeps the last few it was sent: :data:`KEEP`)."""
+        held = self.holds
+        if packed.key in held:
+            held.move_to_end(packed.key)
+            return packed.key, None
+        held[packed.key] = len(packed.data)
+        return packed.key, packed.data
+
+    def _kept(self) -> list[bytes]:
+        """Which functions the worker keeps after this setup (the others it drops): the last
+        :data:`KEEP` it was offered, within :data:`KEEP_BYTES` but for the two of this setup."""
+        held = self.holds
+        while len(held) > KEEP or (
+            len(held) > 2 and sum(held.values()) - sum(list(held.values())[-2:]) > KEEP_BYTES
+        ):
+            held.popitem(last=False)
+        return list(held)
 
     def confirm(self) -> None:
         """Reads the worker's answer to the last setup, if not read yet: raises (and stops the
@@ -328,6 +352,7 @@ class WorkerProcess:
         message. On an error, ``slot.index`` is the index in ``batch`` of the item it concerns
         (for a crash or a timeout, the item the worker held)."""
         slot.index = None
+        slot.shown = None
         self.confirm()
         try:
             reply = self._wait_reply(timeout, what=lambda: self._doing(len(batch), name))
@@ -343,6 +368,7 @@ class WorkerProcess:
                 reply.busy,
             )
         slot.index = reply.item
+        slot.shown = reply.shown
         raise_failure(reply)
         raise AssertionError("unreachable")
 
@@ -351,8 +377,8 @@ class WorkerProcess:
         at = self.at[0]
         if 0 <= at < n:
             if name is None:
-                return f"running item {at + 1} of a batch of {n}"
-            return f"running {name(at)}" + (f" ({at + 1} of a batch of {n})" if n > 1 else "")
+                return f"running item {at} of a batch of {n}"
+            return f"running {name(at)}" + (f" (item {at} of a batch of {n})" if n > 1 else "")
         if at == n:
             return f"sending the results of a batch of {n} item(s)"
         return f"receiving a batch of {n} item(s)"
@@ -368,7 +394,7 @@ class WorkerProcess:
         what: Callable[[], str],
         until_read: Callable[[], bool] | None = None,
     ) -> Any:
-        """The worker's next reply. Past ``timeout``, the worker is killed (``WorkerTimeout``);
+        """The worker's next reply. Past ``timeout``, the worker is killed (``ItemTimeout``);
         with ``until_read``, only while ``until_read()`` holds: the timeout stops counting once
         the worker has read the request (it then loads the step, for as long as that takes)."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -397,7 +423,7 @@ class WorkerProcess:
                 with contextlib.suppress(TimeoutError, ChannelClosed):
                     return recv_message(self.from_child, 0, parts)
                 self.kill()
-                raise WorkerTimeout(
+                raise ItemTimeout(
                     f"{self.label}: no reply within timeout={timeout} s while {what()}; "
                     f"the worker process (pid {self.proc.pid}) was killed"
                 )

@@ -20,10 +20,11 @@ from typing import Any
 from . import _shm
 from ._apply import step_function, worker_op
 from ._batch import Batch, Key, Slot
-from ._errors import WorkerCrashed
+from ._errors import ItemTimeout, WorkerCrashed
 from ._plan import Step
-from ._process import QUEUE_BYTES, Stopped, WorkerProcess, WorkerTimeout, give_back, lease
+from ._process import QUEUE_BYTES, Stopped, WorkerProcess, give_back, lease
 from ._runners import Counters, Duty
+from ._shipping import Packed, pack
 from ._sizing import Traits
 
 __all__ = ["PROCESS_DEPTH", "ProcessRunner"]
@@ -97,10 +98,15 @@ class ProcessRunner:
         duty = self.duty
         op = worker_op(duty.step, duty.may_skip)
         try:
-            fn = step_function(duty.step)
-            return lease(op, fn, duty.step.init, duty.label, self.stopping, self._attach)
+            fn, init = duty.once.get("packed", self._pack)  # pickled once for the run's workers
+            return lease(op, fn, init, duty.label, self.stopping, self._attach)
         finally:
             self._starting = None
+
+    def _pack(self) -> tuple[Packed, Packed]:
+        step = self.duty.step
+        where = f"stage {step.name!r}"
+        return pack(step_function(step), where), pack(step.init, where)
 
     def _attach(self, worker: WorkerProcess) -> None:
         self._starting = worker
@@ -195,7 +201,7 @@ class ProcessRunner:
             batch = self._inflight[0].batch
             try:
                 out = self.worker.receive(batch, step.timeout, slot, self._namer(batch))
-            except (WorkerCrashed, WorkerTimeout):  # not a TimeoutError the step raised
+            except (WorkerCrashed, ItemTimeout):  # not a TimeoutError the step raised
                 key = None if slot.index is None else batch.key(slot.index)
                 downs[key] = downs.get(key, 0) + 1
                 if downs[key] > step.retries or self.stopping():

@@ -14,7 +14,9 @@ if TYPE_CHECKING:
     from ._context import Context
     from ._plan import Plan
 
-__all__ = ["Results", "collect", "released"]
+from ._remote import shown
+
+__all__ = ["Results", "collect", "released", "shown_errors"]
 
 
 class Results(itertools.chain):  # type: ignore[type-arg]
@@ -59,6 +61,20 @@ class Results(itertools.chain):  # type: ignore[type-arg]
             with contextlib.suppress(KeyboardInterrupt, StopIteration):
                 self._released.throw(KeyboardInterrupt())
         self.close()
+
+
+def shown_errors(
+    stream: Generator[list[Any], None, None],
+) -> Generator[list[Any], None, None]:
+    """``stream``, its error raised as the caller is shown it (``_remote.shown``)."""
+    __tracebackhide__ = True  # pytest's and IPython's tracebacks skip this frame
+    try:
+        yield from stream
+    except GeneratorExit:
+        raise
+    except BaseException as error:
+        shown(error)  # its traceback: the caller's frames and the stage's, not pipeflow's
+        raise
 
 
 def collect(released: Generator[list[Any], None, None]) -> list[Any]:

@@ -22,6 +22,7 @@ batch and item in hand, so that an error names its item, and counts what it did 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from time import perf_counter
 from typing import Any, NamedTuple, Protocol
@@ -44,6 +45,25 @@ class Duty(NamedTuple):
     position: Callable[[Key], str]  # names an item of the step's segment: "input item 7"
     stop: list[bool]  # set at a stop; read between items
     quick: Callable[[], bool]  # are the step's items known to be quick (``Sizer.quick``)?
+    once: Once  # what the step's runners of this run make once and share (its pickled function)
+
+
+class Once:
+    """Values made once per step of a run, by whichever of its workers asks first (the others
+    wait for it), and shared by all of them."""
+
+    __slots__ = ("_lock", "_values")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[str, Any] = {}
+
+    def get(self, key: str, make: Callable[[], Any]) -> Any:
+        """The value for ``key``, made by ``make()`` the first time (not kept if it raises)."""
+        with self._lock:
+            if key not in self._values:
+                self._values[key] = make()
+            return self._values[key]
 
 
 class Counters:

@@ -24,7 +24,9 @@ from ._apply import step_function
 from ._backend import Progress, Source, register
 from ._batch import Key, child_key
 from ._context import Context, _current
+from ._errors import ItemTimeout
 from ._plan import Plan, Step
+from ._remote import item_repr
 
 __all__ = ["SerialBackend"]
 
@@ -70,7 +72,7 @@ class _StepWorker:
         else:
             result = self.vars.run(_listed, fn, value)
         if timeout is not None and perf_counter() - t0 > timeout:
-            raise TimeoutError(
+            raise ItemTimeout(
                 f"an item took longer than timeout={timeout} s (the serial backend cannot "
                 "interrupt an item: it fails the run when the item returns)"
             )
@@ -146,7 +148,7 @@ class _SerialRun:
                 self._push(index + 1, worker.seq - 1, group, out)
             return
         self._check()
-        result = self._guard(index, key, lambda: worker.call(value))
+        result = self._guard(index, key, lambda: worker.call(value), value)
         if step.op == "map":
             self._push(index + 1, key, result, out)
         elif step.op == "filter":
@@ -158,12 +160,15 @@ class _SerialRun:
             for j, child in enumerate(result):
                 self._push(index + 1, child_key(key, j, len(result)), child, out)
 
-    def _guard(self, index: int, key: Key | None, call: Callable[[], Any]) -> Any:
-        """``call()``, an exception noted with the stage and the item's position."""
+    def _guard(
+        self, index: int, key: Key | None, call: Callable[[], Any], value: Any = None
+    ) -> Any:
+        """``call()``, an exception noted with the stage, the item's position and repr."""
         try:
             return call()
         except Exception as e:
-            where = self.plan.where(index, "serial", key)
+            shown = None if key is None else item_repr(value)
+            where = self.plan.where(index, "serial", key, shown)
             if isinstance(e, StopIteration):  # it cannot travel through a generator (PEP 479)
                 wrapped = RuntimeError(f"StopIteration raised in {where}")
                 _note(wrapped, where)

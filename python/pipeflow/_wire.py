@@ -3,11 +3,11 @@ ring, the shared word's values, and the remote traceback of an exception (a leaf
 
 ::
 
-    parent ──► worker   Setup(op, fn, init, path)   load a step (again, for a warm worker)
+    parent ──► worker   Setup(op, fn, init, path, keep)  load a step (again, for a warm worker)
                         Work(keys, payload, descs)  run it over a batch
     worker ──► parent   Ready()                     the step loaded, init ran
                         Done(keys, size, payload, n, descs, lent, busy)
-                        Failed(error, traceback, item)
+                        Failed(error, item, shown)
 
 Each message is pickled (protocol 5) and pushed as one or more frames of at most the ring's
 ``max_frame`` bytes, each led by a byte that says whether more follow. ``payload`` is a batch's
@@ -15,13 +15,13 @@ values pickled apart (``_shm.dumps``: their large buffers in arena blocks named 
 the parent can forward a worker's results to the next process stage without unpickling them.
 While it runs a batch, the worker keeps the index of the item in hand in a word it shares with
 the parent (``RECEIVING`` and ``LOADING`` between items), so that the parent can name the item
-if the worker dies.
+if the worker dies. A ``Failed`` carries the exception with its chain and frames as
+``_remote`` exports them: the parent raises it as the same type, with the worker's traceback.
 """
 
 from __future__ import annotations
 
 import pickle
-import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -35,7 +35,6 @@ __all__ = [
     "Done",
     "Failed",
     "Ready",
-    "RemoteTraceback",
     "Setup",
     "Work",
     "failure",
@@ -57,13 +56,15 @@ Desc = tuple[int, int, int, int]
 
 
 class Setup(NamedTuple):
-    """Load a step: its op (``_apply.worker_op``), function and init (cloudpickled), and the
-    parent's ``sys.path``, so that functions pickled by reference import in the child."""
+    """Load a step: its op (``_apply.worker_op``), function and init (each its key, and its
+    pickle unless the worker kept it from an earlier setup), the parent's ``sys.path``, so that
+    functions pickled by reference import in the child, and the keys the worker is to keep."""
 
     op: str
-    fn: bytes
-    init: bytes
+    fn: tuple[bytes, bytes | None]
+    init: tuple[bytes, bytes | None]
     path: list[str]
+    keep: list[bytes]
 
 
 class Work(NamedTuple):
@@ -92,23 +93,12 @@ class Done(NamedTuple):
 
 
 class Failed(NamedTuple):
-    """An exception: pickled, its traceback's text, and the index in the batch of the item it
-    concerns (None: none, or unknown)."""
+    """An exception (``_remote.export``: its chain and frames), the index in the batch of the
+    item it concerns (None: none, or unknown), and a short repr of that item."""
 
     error: bytes
-    traceback: str
     item: int | None
-
-
-class RemoteTraceback(Exception):
-    """The traceback of an exception raised in a worker process (its ``__cause__``)."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
-
-    def __str__(self) -> str:
-        return f'\n"""\n{self.text}"""'
+    shown: str | None
 
 
 def send_message(ring: Ring, message: Any, timeout: float | None = None) -> None:
@@ -152,32 +142,21 @@ def recv_message(ring: Ring, timeout: float | None = None, parts: list[bytes] | 
             return pickle.loads(data)
 
 
-def failure(error: BaseException, index: int | None = None) -> Failed:
-    """The message for ``error``: pickled with cloudpickle (an exception class from ``__main__``
-    too), or, if it does not pickle and unpickle, a ``RuntimeError`` that says what it was."""
-    import cloudpickle  # only now: a worker that never fails never imports it
+def failure(error: BaseException, index: int | None = None, values: Any = None) -> Failed:
+    """The message for ``error``, about the item at ``index`` of ``values`` (if known)."""
+    from . import _remote  # only now: a worker that never fails never imports cloudpickle
 
-    text = "".join(traceback.format_exception(error))
-    try:
-        payload = cloudpickle.dumps(error, protocol=5)
-        pickle.loads(payload)
-    except Exception:
-        try:
-            text_of = f"{type(error).__name__}: {error}"
-        except Exception:  # even its message fails: say what can be said
-            text_of = f"{type(error).__name__} (its message could not be read)"
-        payload = pickle.dumps(RuntimeError(text_of), protocol=5)
-    return Failed(payload, text, index)
+    shown = None
+    if index is not None and values is not None and 0 <= index < len(values):
+        shown = _remote.item_repr(values[index])
+    return Failed(_remote.export(error), index, shown)
 
 
 def raise_failure(message: Failed) -> None:
-    """Raises the exception of ``message``, the worker's traceback as its ``__cause__``."""
-    try:
-        error = pickle.loads(message.error)
-    except Exception as e:  # the exception itself could not cross: say what it was
-        error = RuntimeError(f"a worker raised an exception that could not be unpickled: {e}")
-    error.__cause__ = RemoteTraceback(message.traceback)
-    raise error
+    """Raises the exception of ``message`` as the same type, with the worker's traceback."""
+    from . import _remote
+
+    raise _remote.rebuild(message.error)
 
 
 def first_unpicklable(values: list[Any]) -> int | None:

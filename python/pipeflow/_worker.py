@@ -85,11 +85,26 @@ def _watch_parent(parent: int) -> None:
     os._exit(70)
 
 
+# The functions (and inits) of the steps this worker loaded, unpickled, by key: the parent sends
+# a key alone for one it knows is here, and says in each setup which to keep.
+_kept: dict[bytes, Any] = {}
+
+
+def _load(offered: tuple[bytes, bytes | None]) -> Any:
+    key, data = offered
+    if data is None:
+        return _kept[key]
+    obj = _kept[key] = pickle.loads(data)
+    return obj
+
+
 def _setup(message: Setup) -> tuple[Any, Apply]:
     """Loads a step: its function and loop; runs its init (replacing any earlier state)."""
     sys.path[:] = message.path
-    fn = pickle.loads(message.fn)
-    _state.load(pickle.loads(message.init))
+    fn, init = _load(message.fn), _load(message.init)
+    for key in set(_kept) - set(message.keep):
+        del _kept[key]
+    _state.load(init)
     return fn, worker_apply(message.op)
 
 
@@ -108,7 +123,7 @@ def _answer(
     try:
         out, n = apply(fn, batch, slot, False, never)  # it sets the word to each item's index
     except BaseException as e:
-        return failure(e, slot.index)
+        return failure(e, slot.index, batch.values)
     slot.index = len(batch)
     try:
         # The values pickled apart: the parent can forward them to a next process stage without
@@ -119,7 +134,7 @@ def _answer(
     except Exception as e:  # a result that does not pickle: report, don't die
         e.add_note("pipeflow: a result of this batch could not be pickled")
         bad = first_unpicklable(out.values)
-        return failure(e, None if bad is None else _input_index(batch, out, bad))
+        return failure(e, None if bad is None else _input_index(batch, out, bad), batch.values)
     lent_back = _shm.lent_of(descs, lent)
     return Done(out.keys, len(out), payload, n, descs, lent_back, perf_counter() - since)
 

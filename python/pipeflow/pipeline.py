@@ -16,7 +16,8 @@ from ._backend import Backend, Source, resolve
 from ._context import Context, current_context
 from ._core import Channel
 from ._plan import KINDS, Kind, Op, Plan, Step
-from ._results import Results, collect, released
+from ._remote import shown
+from ._results import Results, collect, released, shown_errors
 
 __all__ = ["Pipeline", "StageOptions", "Step"]
 
@@ -228,7 +229,12 @@ class Pipeline:
             >>> pf.Pipeline(kind="thread").stage(abs).run([-1, 2, -3])
             [1, 2, 3]
         """
-        return collect(self._released(items, progress, context, timeout, backend))
+        __tracebackhide__ = True  # pytest's and IPython's tracebacks skip this frame
+        try:
+            return collect(self._released(items, progress, context, timeout, backend))
+        except BaseException as error:
+            shown(error)  # its traceback: the caller's frames and the stage's, not pipeflow's
+            raise
 
     def iter(
         self,
@@ -251,7 +257,9 @@ class Pipeline:
             [0, 1, 4, 9]
             >>> squares.close()
         """
-        return Results.over(self._released(items, progress, context, timeout, backend))
+        return Results.over(
+            shown_errors(self._released(items, progress, context, timeout, backend))
+        )
 
     def _released(
         self,
