@@ -1,5 +1,5 @@
 """The caller's side of a run, the same for every backend: :class:`Results` (what ``iter``
-returns), the list ``run`` returns, and the progress bar.
+returns), the list ``run`` returns, and the progress bar around a run (``_progress``).
 """
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ import contextlib
 import itertools
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
+
+from ._progress import Bar, ProgressSpec, open_bar
 
 if TYPE_CHECKING:
     from ._backend import Backend, Source
@@ -86,40 +88,49 @@ def collect(released: Generator[list[Any], None, None]) -> list[Any]:
 
 
 def released(
-    backend: Backend, plan: Plan, source: Source, progress: bool, ctx: Context
+    backend: Backend, plan: Plan, source: Source, progress: ProgressSpec, ctx: Context
 ) -> Generator[list[Any], None, None]:
-    """The backend's stream of a run (checked at once), with the progress bar around it."""
-    if not progress:
+    """The backend's stream of a run (checked at once), with the progress bar around it: made
+    once the backend took the run, updated by the backend's progress callback, closed however
+    the run ends."""
+    if progress is False:
         return backend.stream(plan, source, ctx, None)
-    bar = _progress_bar(source.total)
-
-    def update(done: int) -> None:
-        bar.update(done - bar.n)
-
+    ticker = _Ticker()
+    stream = backend.stream(plan, source, ctx, ticker)
     try:
-        stream = backend.stream(plan, source, ctx, update)
+        ticker.bar = open_bar(progress, source.total)
     except BaseException:
-        bar.close()
+        stream.close()
         raise
-    return _with_bar(stream, bar)
+    return _with_bar(stream, ticker)
+
+
+class _Ticker:
+    """The backend's progress callback: tells the bar how many more items are done (the
+    backend says how many are done so far)."""
+
+    def __init__(self) -> None:
+        self.bar: Bar | None = None
+        self.done = 0
+
+    def __call__(self, done: int) -> None:
+        if done > self.done and self.bar is not None:
+            self.bar.update(done - self.done)
+            self.done = done
+
+    def close(self) -> None:
+        bar, self.bar = self.bar, None
+        if bar is not None:
+            bar.close()
 
 
 def _with_bar(
-    stream: Generator[list[Any], None, None], bar: Any
+    stream: Generator[list[Any], None, None], ticker: _Ticker
 ) -> Generator[list[Any], None, None]:
     try:
         yield from stream
     finally:
-        stream.close()  # at once, also when this generator is dropped before it started
-        bar.close()
-
-
-def _progress_bar(total: int | None) -> Any:
-    """A tqdm bar (the notebook widget inside Jupyter) that starts no monitor thread: the
-    backend's progress updates it, and a run leaves no thread behind."""
-    from tqdm.auto import tqdm
-
-    class Bar(tqdm):  # type: ignore[misc]
-        monitor_interval = 0
-
-    return Bar(total=total, unit="item", dynamic_ncols=True)
+        try:
+            stream.close()  # at once, also when this generator is dropped before it started
+        finally:
+            ticker.close()

@@ -16,6 +16,7 @@ from ._backend import Backend, Source, resolve
 from ._context import Context, current_context
 from ._core import Channel
 from ._plan import KINDS, Kind, Op, Plan, Step
+from ._progress import ProgressSpec, check_progress
 from ._remote import shown
 from ._results import Results, collect, released, shown_errors
 
@@ -202,7 +203,7 @@ class Pipeline:
         self,
         items: Iterable[Any],
         *,
-        progress: bool = False,
+        progress: ProgressSpec = False,
         context: Context | None = None,
         timeout: float | None = None,
         backend: str | Backend | None = None,
@@ -211,7 +212,12 @@ class Pipeline:
 
         Args:
             items: any iterable; it is read lazily, as the pipeline has room.
-            progress: show a progress bar (tqdm; the notebook widget inside Jupyter).
+            progress: a progress bar of the input items done: ``True`` (tqdm's bar on stderr;
+                in Jupyter the widget, or a text line without ipywidgets, that the saved
+                notebook keeps in its final state), a dict of tqdm options (``{"desc": "files"}``,
+                ``{"disable": True}``, ``{"file": sys.stdout}``, ``{"mininterval": 1}``), or a
+                bar class such as ``tqdm.rich.tqdm`` (any callable ``cls(total=...,
+                unit="item")`` returning an object with ``update(n)`` and ``close()``).
             context: cancelling this context stops the run (it raises ``pipeflow.Cancelled``).
             timeout: seconds for the whole run; past it the run stops and raises
                 ``pipeflow.DeadlineExceeded`` (a ``TimeoutError``).
@@ -240,7 +246,7 @@ class Pipeline:
         self,
         items: Iterable[Any],
         *,
-        progress: bool = False,
+        progress: ProgressSpec = False,
         context: Context | None = None,
         timeout: float | None = None,
         backend: str | Backend | None = None,
@@ -264,14 +270,14 @@ class Pipeline:
     def _released(
         self,
         items: Iterable[Any],
-        progress: bool,
+        progress: ProgressSpec,
         context: Context | None,
         timeout: float | None,
         backend: str | Backend | None,
     ) -> Generator[list[Any], None, None]:
         """Checks the arguments of :meth:`run` and :meth:`iter`, and hands the plan to the
         backend: the stream of the run's results, not started yet."""
-        _check_bool("progress", progress)
+        check_progress(progress)
         if context is not None and not isinstance(context, Context):
             raise TypeError(f"context must be a pipeflow.Context, got {type(context).__name__}")
         _check_seconds("timeout", timeout)
