@@ -212,3 +212,20 @@ def test_item_repr_is_short_and_never_raises() -> None:
     assert _remote.item_repr(Bad()).startswith("<Bad ")
     assert _remote.item_repr(list(range(1000))) == "[0, 1, 2, 3, 4, 5, ...]"
     assert len(_remote.item_repr("y" * 1000)) <= 100
+
+
+def _task_fails(x: int) -> None:
+    raise ValueError(x)
+
+
+def test_a_group_tasks_error_shows_the_tasks_frames_not_pipeflows() -> None:
+    g = pf.Group()
+    task = g.go(_task_fails, 1)
+    for wait in (g.wait, task.result, task.result):  # each time the same, not longer
+        with pytest.raises(ValueError) as info:
+            wait()
+        frames = [(Path(e.path).name, e.name) for e in info.traceback]
+        assert frames == [
+            ("test_errors.py", "test_a_group_tasks_error_shows_the_tasks_frames_not_pipeflows"),
+            ("test_errors.py", "_task_fails"),
+        ]

@@ -25,6 +25,7 @@ from typing import Any, Generic, Literal, ParamSpec, TypeVar
 
 from ._context import Context, _current, current_context
 from ._pool import default_pool
+from ._remote import shown
 
 __all__ = ["Group", "Task"]
 
@@ -35,13 +36,14 @@ P = ParamSpec("P")
 class Task(Generic[T]):
     """A handle on one task of a :class:`Group`: ``done()``, ``result()``, ``exception()``."""
 
-    __slots__ = ("_done", "_error", "_name", "_value")
+    __slots__ = ("_done", "_error", "_name", "_tb", "_value")
 
     def __init__(self, name: str) -> None:
         self._name = name
         self._done = threading.Event()
         self._value: T | None = None
         self._error: BaseException | None = None
+        self._tb: TracebackType | None = None  # the error's, as the task raised it
 
     def done(self) -> bool:
         """True once the task has finished (returned, raised or was cancelled)."""
@@ -52,7 +54,11 @@ class Task(Generic[T]):
         if not self._done.wait(timeout):
             raise TimeoutError(f"task {self._name} did not finish within {timeout} s")
         if self._error is not None:
-            raise self._error
+            try:
+                raise self._error.with_traceback(self._tb)
+            except BaseException as error:
+                shown(error)  # its traceback: the caller's frames and the task's, not pipeflow's
+                raise
         return self._value  # type: ignore[return-value]
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
@@ -93,6 +99,8 @@ class Group:
         self._cond = threading.Condition()
         self._pending = 0
         self._errors: list[BaseException] = []
+        # The first error's traceback as it was raised (raising it again would lengthen it).
+        self._first_tb: TracebackType | None = None
         self._noted = False
         self._done_ok = False  # a wait() returned without error (the context is done then)
 
@@ -154,7 +162,8 @@ class Group:
         try:
             task._value = fn(*args, **kwargs)
         except BaseException as e:
-            task._error = e
+            task._error = shown(e)  # without pipeflow's frames: the task's own
+            task._tb = e.__traceback__
             self._fail(task, e)
         finally:
             task._done.set()
@@ -164,6 +173,8 @@ class Group:
         with self._cond:
             self._errors.append(error)
             first = len(self._errors) == 1
+            if first:
+                self._first_tb = error.__traceback__
         if first:
             self._ctx.cancel(f"task {task._name} raised {type(error).__name__}: {error}")
 
@@ -190,6 +201,9 @@ class Group:
         try:
             self._raise_first()
             self._done_ok = True
+        except BaseException as error:
+            shown(error)  # its traceback: the caller's frames and the task's, not pipeflow's
+            raise
         finally:
             # As errgroup.WithContext: once Wait returns, the group's context is done (tasks
             # started later still run, as in Go, and see it done).
@@ -208,7 +222,7 @@ class Group:
                     f"pipeflow.Group: {len(others)} other task(s) also failed: {listed}{more}"
                     " (all in Group.errors)"
                 )
-        raise first
+        raise first.with_traceback(self._first_tb)
 
     def __enter__(self) -> Group:
         return self
@@ -227,7 +241,11 @@ class Group:
             with contextlib.suppress(BaseException):
                 self.wait()
             return
-        self.wait()
+        try:
+            self.wait()
+        except BaseException as error:
+            shown(error)  # its traceback: the caller's frames and the task's, not pipeflow's
+            raise
 
 
 def _check_callable(fn: object) -> None:
