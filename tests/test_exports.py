@@ -52,5 +52,34 @@ def test_stub_methods_match_the_runtime_classes() -> None:
         assert {n for n in runtime if not n.startswith("__")} <= stub_members, node.name
 
 
+def _stub_docs() -> dict[str, str | None]:
+    """Each docstring of the stub by its name in ``_core`` (``Channel``, ``Channel.send``), but
+    the dunders' (a pyo3 slot method has CPython's docstring, whatever the stub says)."""
+    docs: dict[str, str | None] = {}
+    for node in ast.parse(STUB.read_text()).body:
+        if isinstance(node, ast.ClassDef | ast.FunctionDef):
+            docs[node.name] = ast.get_docstring(node)
+        if isinstance(node, ast.ClassDef):
+            for member in node.body:
+                if isinstance(member, ast.FunctionDef) and not member.name.startswith("__"):
+                    docs[f"{node.name}.{member.name}"] = ast.get_docstring(member)
+    return docs
+
+
+def test_stub_docstrings_are_the_runtime_ones() -> None:
+    # help() shows the pyo3 doc comments; IDEs and the API reference read the stub: one text.
+    for name, stub_doc in _stub_docs().items():
+        obj: object = _core
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        runtime_doc = inspect.cleandoc(obj.__doc__) if obj.__doc__ else None
+        assert runtime_doc == stub_doc, name
+
+
+def test_the_extension_documents_every_public_method() -> None:
+    for name, doc in _stub_docs().items():
+        assert doc, f"{name} has no docstring (a doc comment in rust/py/src, copied in the stub)"
+
+
 def test_py_typed_marker_ships() -> None:
     assert Path(pf.__file__).with_name("py.typed").exists()

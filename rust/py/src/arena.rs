@@ -32,7 +32,23 @@ fn from_tuple(t: DescTuple) -> Desc {
     }
 }
 
-/// A shared-memory arena of blocks (see `_core.pyi`).
+/// A shared-memory arena: blocks of one memfd that processes allocate, share and free.
+///
+/// Blocks are whole pages; the last reference to a block frees it and returns its pages to the
+/// OS. A process killed at any instant cannot wedge the arena (its mutex is robust); the blocks
+/// a dead writer had not shared are freed by :meth:`reclaim`. The creator passes ``fd`` to other
+/// processes, which map it with ``Arena.open(fd)``.
+///
+/// Example:
+///     >>> from pipeflow._core import Arena
+///     >>> arena = Arena(1 << 20)
+///     >>> block = arena.empty(10, 0)
+///     >>> memoryview(block)[:3] = b"abc"
+///     >>> bytes(arena.adopt(block.desc, incref=True))[:3]
+///     b'abc'
+///     >>> del block
+///     >>> arena.stats()["blocks"]
+///     0
 #[pyclass(frozen, name = "Arena", module = "pipeflow._core")]
 pub struct PyArena {
     inner: Arc<Arena>,
@@ -53,7 +69,7 @@ impl PyArena {
         })
     }
 
-    /// Maps an arena another process created, from its memfd (the descriptor is duplicated).
+    /// Maps an arena created by another process from its memfd (duplicated, not taken).
     #[staticmethod]
     fn open(fd: i32) -> PyResult<Self> {
         Ok(PyArena {
@@ -61,26 +77,31 @@ impl PyArena {
         })
     }
 
+    /// The memfd's descriptor, to pass to other processes.
     #[getter]
     fn fd(&self) -> i32 {
         self.inner.fd().as_raw_fd()
     }
 
+    /// Bytes available for blocks.
     #[getter]
     fn size(&self) -> usize {
         self.inner.data_len()
     }
 
+    /// How many blocks may be live at once.
     #[getter]
     fn slots(&self) -> usize {
         self.inner.nslots()
     }
 
-    /// A descriptor for the bytes of `buffer` (a contiguous byte buffer: `PickleBuffer.raw()`),
-    /// carrying one reference for a message: the block that holds them when they already live in
-    /// this arena, else a new block they are copied into. `None` when the arena has no room.
-    /// A block in `lent` (`(slot, gen)` pairs: blocks the receiver of the message holds itself)
-    /// gets no reference: the receiver adds one when it takes the message.
+    /// A descriptor for the bytes of a contiguous byte buffer (``PickleBuffer.raw()``),
+    /// carrying one reference for a message.
+    ///
+    /// The block holding them if they live in this arena already, else a new block they are
+    /// copied into (the GIL released); ``None`` when the arena has no room. A block in ``lent``
+    /// (``(slot, gen)`` pairs: blocks the receiver of the message holds itself) gets no
+    /// reference: the receiver adds one when it takes the message.
     #[pyo3(signature = (buffer, owner, lent = None))]
     fn put(
         &self,
@@ -117,9 +138,11 @@ impl PyArena {
         Ok(Some((d.slot, d.gen, d.start, len as u64)))
     }
 
-    /// A `Block` holding the reference a message's descriptor carried (`incref=False`), or a
-    /// new one (`incref=True`: the message keeps its own); the block is shared from now on
-    /// (see `reclaim`). A bad descriptor is a `ValueError`.
+    /// A :class:`Block` holding the reference ``desc`` carried (or a new one with ``incref``:
+    /// the message keeps its own); the block is shared from now on (see :meth:`reclaim`).
+    ///
+    /// Raises:
+    ///     ValueError: ``desc`` names no live block.
     #[pyo3(signature = (desc, incref = false))]
     fn adopt(&self, desc: DescTuple, incref: bool) -> PyResult<PyBlock> {
         let d = from_tuple(desc);
@@ -127,16 +150,19 @@ impl PyArena {
         Ok(PyBlock::new(&self.inner, d, true))
     }
 
-    /// A `Block` that borrows the reference a request's descriptor carried: it holds none
-    /// itself (the sender keeps the block until it has the answer), unless `keep()` takes one.
+    /// A :class:`Block` that holds no reference (the sender of the message keeps the block
+    /// alive until it has the answer), unless :meth:`Block.keep` takes one.
+    ///
+    /// Raises:
+    ///     ValueError: ``desc`` names no live block.
     fn borrow(&self, desc: DescTuple) -> PyResult<PyBlock> {
         let d = from_tuple(desc);
         self.inner.check(&d).map_err(bad_descriptor)?;
         Ok(PyBlock::new(&self.inner, d, false))
     }
 
-    /// A new block of `nbytes` (its bytes arbitrary, like `np.empty`'s), or `None` when the
-    /// arena has no room.
+    /// A new block of ``nbytes``, or ``None`` when the arena has no room. Its bytes are
+    /// arbitrary (a reused block holds what was there), as ``np.empty``'s are.
     fn empty(&self, py: Python<'_>, nbytes: usize, owner: u32) -> Option<PyBlock> {
         let d = self.inner.alloc(nbytes, owner)?;
         let inner = &self.inner;
@@ -151,7 +177,8 @@ impl PyArena {
         ))
     }
 
-    /// How many bytes of freed blocks may stay resident for reuse (0: none).
+    /// How many bytes of freed blocks may stay resident so that new blocks reuse their pages
+    /// (a fresh page of shared memory costs a fault and zeroing); 0 returns them at once.
     fn set_cache_limit(&self, nbytes: u64) {
         self.inner.set_cache_limit(nbytes);
     }
@@ -162,18 +189,19 @@ impl PyArena {
         py.detach(move || inner.trim());
     }
 
-    /// A new owner tag for a writer process, unique among all that map this arena (never 0).
+    /// A new owner tag for a writer process, unique among every process that maps this
+    /// arena (never 0, the creator's).
     fn new_tag(&self) -> u32 {
         self.inner.new_tag()
     }
 
-    /// Frees the blocks a dead process was writing (its `owner` tag); returns how many.
+    /// Frees the unshared blocks of a dead process tagged ``owner``; returns how many.
     fn reclaim(&self, py: Python<'_>, owner: u32) -> usize {
         let inner = Arc::clone(&self.inner);
         py.detach(move || inner.reclaim(owner))
     }
 
-    /// `{"live_bytes", "blocks", "resident_bytes"}`.
+    /// ``live_bytes``, ``blocks`` and ``resident_bytes`` (memory the memfd holds).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let inner = Arc::clone(&self.inner);
         let s = py.detach(move || inner.stats());
@@ -185,8 +213,9 @@ impl PyArena {
     }
 }
 
-/// One reference to a block of an arena, exporting its bytes (writable) through the buffer
-/// protocol; the reference goes when this object does.
+/// One reference to a block of an :class:`Arena`; its bytes through the buffer protocol
+/// (writable), so that a numpy array can be a view on it, keeping it alive through its base.
+/// The reference goes when this object does.
 #[pyclass(frozen, name = "Block", module = "pipeflow._core")]
 pub struct PyBlock {
     arena: Arc<Arena>,
@@ -212,8 +241,11 @@ impl PyBlock {
 
 #[pymethods]
 impl PyBlock {
-    /// Takes a reference of its own for a borrowed block (no-op if it holds one already). A
-    /// `ValueError` if the block was freed meanwhile (its lender dropped it).
+    /// Takes a reference of its own, for a borrowed block still in use (nothing to do if it
+    /// holds one already).
+    ///
+    /// Raises:
+    ///     ValueError: the block was freed meanwhile (its lender dropped it).
     fn keep(&self) -> PyResult<()> {
         // Claimed first, so that two callers cannot both add a reference.
         if self.owned.swap(true, Ordering::Relaxed) {
@@ -228,13 +260,13 @@ impl PyBlock {
         Ok(())
     }
 
-    /// Whether this object holds a reference to its block.
+    /// Whether this object holds a reference (not :meth:`Arena.borrow`-ed, or kept).
     #[getter]
     fn owned(&self) -> bool {
         self.owned.load(Ordering::Relaxed)
     }
 
-    /// The descriptor `(slot, gen, start, len)`, to name the block in a message.
+    /// ``(slot, gen, start, len)``, to name the block in a message.
     #[getter]
     fn desc(&self) -> DescTuple {
         to_tuple(&self.desc)

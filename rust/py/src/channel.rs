@@ -10,7 +10,21 @@ use pipeflow_core::{
 use crate::blocking::{deadline, wait, Slice};
 use crate::errors::{bad_argument, bad_type, channel_closed, send_on_closed, timed_out};
 
-/// A bounded channel of Python objects with Go's rules (see the Python docs in `_core.pyi`).
+/// A bounded multi-producer multi-consumer channel with Go's rules.
+///
+/// ``capacity`` items are buffered (at most ``MAX_CAPACITY``); 0 makes a rendezvous channel
+/// (each send waits for a receiver). The producer closes; receivers drain what was sent, then
+/// see the end (``recv`` raises :class:`~pipeflow.ChannelClosed`, iteration stops). Sending on
+/// a closed channel raises :class:`~pipeflow.ChannelClosed`. Every blocking call releases the
+/// GIL and stays interruptible by Ctrl-C.
+///
+/// Example:
+///     >>> import pipeflow as pf
+///     >>> ch = pf.Channel(2)
+///     >>> ch.send("a"); ch.send("b"); ch.close()
+///     True
+///     >>> list(ch)
+///     ['a', 'b']
 #[pyclass(frozen, name = "Channel", module = "pipeflow")]
 pub struct PyChannel {
     inner: Channel<Py<PyAny>>,
@@ -40,11 +54,13 @@ impl PyChannel {
         })
     }
 
+    /// The buffer size given at creation (0: a rendezvous channel).
     #[getter]
     fn capacity(&self) -> usize {
         self.inner.capacity()
     }
 
+    /// True once ``close()`` was called (items sent before may still be buffered).
     #[getter]
     fn closed(&self) -> bool {
         self.inner.is_closed()
@@ -54,6 +70,15 @@ impl PyChannel {
         self.inner.len()
     }
 
+    /// Sends ``item``, blocking while the channel is full.
+    ///
+    /// Args:
+    ///     item: any Python object (the receiver gets this object, not a copy).
+    ///     timeout: seconds to wait for room; None waits as long as it takes.
+    ///
+    /// Raises:
+    ///     TimeoutError: the channel stayed full for ``timeout`` seconds.
+    ///     ChannelClosed: the channel is closed, or was closed while this call waited.
     #[pyo3(signature = (item, timeout = None))]
     fn send(&self, py: Python<'_>, item: Py<PyAny>, timeout: Option<f64>) -> PyResult<()> {
         // Checked first: a bad timeout is an error also when the send would not wait.
@@ -78,6 +103,14 @@ impl PyChannel {
         }
     }
 
+    /// Sends ``item`` if the channel has room now, without blocking.
+    ///
+    /// Returns:
+    ///     True if it was sent; False if the channel is full (for a rendezvous channel: if no
+    ///     receiver is waiting).
+    ///
+    /// Raises:
+    ///     ChannelClosed: the channel is closed.
     fn try_send(&self, py: Python<'_>, item: Py<PyAny>) -> PyResult<bool> {
         match self.inner.try_send(item) {
             Ok(()) => Ok(true),
@@ -86,6 +119,17 @@ impl PyChannel {
         }
     }
 
+    /// Receives the next item, blocking while the channel is empty.
+    ///
+    /// Args:
+    ///     timeout: seconds to wait for an item; None waits as long as it takes.
+    ///
+    /// Returns:
+    ///     The item, in the order items were sent (by one sender).
+    ///
+    /// Raises:
+    ///     TimeoutError: the channel stayed empty for ``timeout`` seconds.
+    ///     ChannelClosed: the channel is closed and every item sent before was received.
     #[pyo3(signature = (timeout = None))]
     fn recv(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
         match self.recv_inner(py, deadline(timeout)?)? {
@@ -95,6 +139,13 @@ impl PyChannel {
         }
     }
 
+    /// Receives an item if one is buffered now, without blocking.
+    ///
+    /// Returns:
+    ///     ``(True, item)``, or ``(False, None)`` if the channel is empty.
+    ///
+    /// Raises:
+    ///     ChannelClosed: the channel is closed and drained.
     fn try_recv(&self, py: Python<'_>) -> PyResult<(bool, Option<Py<PyAny>>)> {
         match self.inner.try_recv() {
             Ok(v) => Ok((true, Some(v))),
@@ -105,6 +156,13 @@ impl PyChannel {
         }
     }
 
+    /// Closes the channel: receivers drain what was sent, then see the end.
+    ///
+    /// Every blocked sender wakes and raises :class:`~pipeflow.ChannelClosed`, as does every
+    /// later send; every blocked receiver wakes. Closing again is allowed (Go's close panics).
+    ///
+    /// Returns:
+    ///     True if this call closed the channel; False if it was closed already.
     fn close(&self) -> bool {
         self.inner.close()
     }
@@ -156,7 +214,28 @@ impl PyChannel {
     }
 }
 
-/// Receives from whichever channel is ready first: returns `(index, item)`.
+/// Receives from whichever channel has an item first (Go's ``select`` over receives).
+///
+/// Closed and drained channels are skipped; when every one is, it raises
+/// :class:`~pipeflow.ChannelClosed`.
+///
+/// Args:
+///     channels: the channels to receive from (at least one).
+///     timeout: seconds to wait; None waits as long as it takes.
+///
+/// Returns:
+///     ``(index, item)``: the channel's position in ``channels`` and the item it gave.
+///
+/// Raises:
+///     TimeoutError: no channel had an item within ``timeout`` seconds.
+///     ChannelClosed: every channel is closed and drained.
+///
+/// Example:
+///     >>> import pipeflow as pf
+///     >>> a, b = pf.Channel(1), pf.Channel(1)
+///     >>> b.send("from b")
+///     >>> pf.select([a, b])
+///     (1, 'from b')
 #[pyfunction]
 #[pyo3(signature = (channels, timeout = None))]
 pub fn select(

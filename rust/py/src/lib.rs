@@ -1,6 +1,11 @@
 //! The extension module `pipeflow._core`: thin pyo3 glue over `pipeflow-core`, one file per
 //! exposed concept. Each binding method has one shape: extract Python values while attached,
 //! detach from the interpreter for anything that may block, convert the result back.
+//!
+//! The doc comments of the `#[pyclass]`, `#[pymethods]` and `#[pyfunction]` items are the Python
+//! docstrings (what `help()` shows), written for Python readers (Google style, Sphinx roles);
+//! `python/pipeflow/_core.pyi` repeats them for type checkers and the API reference, and
+//! `tests/test_exports.py` checks that the two agree.
 
 mod arena;
 mod blocking;

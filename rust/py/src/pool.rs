@@ -10,7 +10,10 @@ use pipeflow_core::Pool;
 use crate::blocking::{deadline, wait, Slice};
 use crate::errors::{bad_argument, spawn_failed};
 
-/// The pool (see `_core.pyi`).
+/// The work-stealing pool that runs every thread stage and group task.
+///
+/// Threads start on demand, up to ``max_threads``, and retire after ``keep_alive`` idle
+/// seconds. A job holds the GIL only while its Python code runs.
 #[pyclass(frozen, name = "Pool", module = "pipeflow._core")]
 pub struct PyPool {
     inner: Pool,
@@ -33,8 +36,12 @@ impl PyPool {
         })
     }
 
-    /// Runs `func()` on a pool thread. Its exceptions go to `sys.unraisablehook`: wrap the
-    /// callable to capture them (Group does).
+    /// Runs ``func()`` on a pool thread; its exceptions go to ``sys.unraisablehook`` (wrap the
+    /// callable to capture them, as ``Group`` does).
+    ///
+    /// Raises:
+    ///     RuntimeError: the pool is shut down, or ``func`` needed a new thread and the OS
+    ///         refused one (``func`` then never runs).
     fn submit(&self, func: Py<PyAny>) -> PyResult<()> {
         let job = Box::new(move || {
             Python::attach(|py| {
@@ -47,8 +54,8 @@ impl PyPool {
         self.inner.try_spawn(job).map_err(spawn_failed)
     }
 
-    /// Stops accepting jobs, lets queued ones run, waits up to `timeout` seconds (None: no limit)
-    /// for every thread to exit. Returns True if all exited.
+    /// Stops accepting jobs, runs the queued ones, and waits up to ``timeout`` seconds (None:
+    /// no limit) for every thread to exit; True if all exited.
     #[pyo3(signature = (timeout = None))]
     fn shutdown(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         let until = deadline(timeout)?;
@@ -64,22 +71,25 @@ impl PyPool {
         Ok(done.is_ok())
     }
 
-    /// After `os.fork()`, in the child: forget this pool without touching its state (its threads
-    /// do not exist in the child and their locks may be held forever).
+    /// After ``os.fork()``, in the child: forgets this pool without touching its state (its
+    /// threads do not exist in the child, and their locks may be held forever).
     fn _abandon_after_fork(&self) {
         self.inner.abandon();
     }
 
+    /// Threads alive.
     #[getter]
     fn threads(&self) -> usize {
         self.inner.stats().threads
     }
 
+    /// Threads waiting for work.
     #[getter]
     fn idle(&self) -> usize {
         self.inner.stats().idle
     }
 
+    /// Jobs running now.
     #[getter]
     fn running(&self) -> usize {
         self.inner.stats().running

@@ -12,7 +12,19 @@ use pipeflow_core::shm::{PopError, PushError, Region, Ring};
 use crate::blocking::{deadline, wait, Slice};
 use crate::errors::{bad_argument, dup_fd, end_busy, os_error, pop_failed, push_failed};
 
-/// A single-producer single-consumer ring of byte frames in a memfd (see `_core.pyi`).
+/// One direction of one lane between two processes: a single-producer single-consumer ring
+/// of byte frames in an anonymous memfd (nothing in /dev/shm to leak).
+///
+/// The creator passes ``fd`` to the other process (``pass_fds``), which maps it with
+/// ``Ring.open(fd)``. Blocking calls wait on a futex without holding the GIL, and stay
+/// interruptible by Ctrl-C.
+///
+/// Example:
+///     >>> from pipeflow._core import Ring
+///     >>> r = Ring(4096)
+///     >>> r.push(b"hello")
+///     >>> r.pop()
+///     b'hello'
 #[pyclass(frozen, name = "Ring", module = "pipeflow._core")]
 pub struct PyRing {
     inner: Ring,
@@ -33,7 +45,7 @@ impl PyRing {
         })
     }
 
-    /// Maps a ring another process created, from its memfd (the descriptor is duplicated).
+    /// Maps a ring created by another process from its memfd (duplicated, not taken).
     #[staticmethod]
     fn open(fd: i32) -> PyResult<Self> {
         let region = Region::from_fd(dup_fd(fd)?).map_err(os_error)?;
@@ -42,17 +54,25 @@ impl PyRing {
         })
     }
 
-    /// The memfd's descriptor, to pass to a child process (`pass_fds`).
+    /// The memfd's descriptor, to pass to the other process (``pass_fds``).
     #[getter]
     fn fd(&self) -> i32 {
         self.inner.region().fd().as_raw_fd()
     }
 
+    /// The longest frame, in bytes (half the ring).
     #[getter]
     fn max_frame(&self) -> usize {
         self.inner.max_frame()
     }
 
+    /// Appends a frame, waiting for room (``TimeoutError`` after ``timeout`` seconds).
+    ///
+    /// Raises:
+    ///     ChannelClosed: the reader closed the ring.
+    ///     ValueError: the frame is longer than ``max_frame``.
+    ///     OSError: the reader's position is damaged.
+    ///     RuntimeError: another thread is pushing.
     #[pyo3(signature = (data, timeout = None))]
     fn push(&self, py: Python<'_>, data: &[u8], timeout: Option<f64>) -> PyResult<()> {
         let deadline = deadline(timeout)?;
@@ -74,6 +94,15 @@ impl PyRing {
         result.map_err(|e| push_failed(py, e, data.len(), ring.max_frame()))
     }
 
+    /// Takes the next frame, waiting for one (``TimeoutError`` after ``timeout`` seconds).
+    ///
+    /// A writer killed before it closed looks like one that is slow: wait with a timeout and
+    /// check the writer process (the engine watches its workers).
+    ///
+    /// Raises:
+    ///     ChannelClosed: the writer closed the ring and everything was read.
+    ///     OSError: a frame header is damaged.
+    ///     RuntimeError: another thread is popping.
     #[pyo3(signature = (timeout = None))]
     fn pop<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Bound<'py, PyBytes>> {
         let deadline = deadline(timeout)?;
@@ -102,10 +131,12 @@ impl PyRing {
         }
     }
 
+    /// The producer's close: the reader drains, then sees the end.
     fn close_write(&self) {
         self.inner.close_write();
     }
 
+    /// The consumer's close: pushes fail from now on.
     fn close_read(&self) {
         self.inner.close_read();
     }

@@ -11,8 +11,20 @@ use pipeflow_core::shm::SharedWord;
 
 use crate::errors::{bad_index, dup_fd, os_error};
 
-/// One shared `i64` (see `_core.pyi`). It reads and writes as a one-item sequence (`w[0]`), so
-/// the engine's per-item loops can use it as the slot where they note the item in hand.
+/// One ``int`` (64-bit) in shared memory: a worker process stores the index of the item it
+/// is about to run, and the parent reads it if the worker dies.
+///
+/// It reads and writes as a one-item sequence (``w[0]``), so the engine's per-item loops can
+/// use it as the slot where they note the item in hand. The creator passes ``fd`` to the
+/// other process, which maps it with ``Word.open(fd)``.
+///
+/// Example:
+///     >>> from pipeflow._core import Word
+///     >>> w = Word()
+///     >>> [abs(v) for v in w.track([-1, -2, -3])]
+///     [1, 2, 3]
+///     >>> w[0]  # the index of the last item run
+///     2
 #[pyclass(frozen, name = "Word", module = "pipeflow._core")]
 pub struct PyWord {
     inner: SharedWord,
@@ -35,7 +47,7 @@ impl PyWord {
         })
     }
 
-    /// Maps a word another process created, from its memfd (the descriptor is duplicated).
+    /// Maps a word created by another process from its memfd (duplicated, not taken).
     #[staticmethod]
     fn open(fd: i32) -> PyResult<Self> {
         Ok(PyWord {
@@ -43,6 +55,7 @@ impl PyWord {
         })
     }
 
+    /// The memfd's descriptor, to pass to the other process.
     #[getter]
     fn fd(&self) -> i32 {
         self.inner.fd().as_raw_fd()
@@ -63,10 +76,12 @@ impl PyWord {
         Ok(())
     }
 
-    /// An iterator over `values` that stores each item's index in the word as it yields the
-    /// item: `[fn(v) for v in word.track(values)]` is `map` at a comprehension's speed (the
-    /// interpreter calls `fn` without building an argument tuple, which a call from here would).
-    /// When `fn` raises, the word holds the index of the item that raised.
+    /// An iterator over ``values`` that stores each item's index in the word as it yields it.
+    ///
+    /// After ``[f(v) for v in w.track(values)]`` raised, ``w[0]`` is the index of the item
+    /// that raised: ``map`` at a comprehension's speed (the interpreter calls ``f`` without
+    /// building an argument tuple, which a call from here would). By index: it stops at the
+    /// list's end, even if the list changes meanwhile.
     fn track(slf: Bound<'_, Self>, values: Bound<'_, PyList>) -> PyTracked {
         PyTracked {
             word: slf.unbind(),
@@ -80,7 +95,7 @@ impl PyWord {
     }
 }
 
-/// The iterator of [`PyWord::track`].
+/// The iterator :meth:`Word.track` returns.
 #[pyclass(frozen, name = "Tracked", module = "pipeflow._core")]
 pub struct PyTracked {
     word: Py<PyWord>,
