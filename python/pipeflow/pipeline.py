@@ -24,19 +24,34 @@ __all__ = ["Pipeline", "StageOptions", "Step"]
 
 
 class StageOptions(TypedDict, total=False):
-    """The options of a stage, all keyword (``stage``, ``filter`` and ``flat_map`` take them).
+    """The options of a stage, all keyword: :meth:`Pipeline.stage`, :meth:`Pipeline.filter` and
+    :meth:`Pipeline.flat_map` take them. Each may be left out; its default is given below.
 
     Attributes:
         workers: how many workers run the function at once (fan-out; their outputs fan in).
-            Default 1.
-        kind: ``"thread"`` or ``"process"``; default: the pipeline's.
-        name: used in errors, progress and ``to_mermaid()``; default: the function's name.
-        capacity: the bound of the queue feeding the stage, in batches; default ``2 * workers``.
-        ordered: False lets items leave the stage in completion order; default: the pipeline's.
-        init: called once per worker before its first item; its return value is what
-            :func:`pipeflow.worker_state` returns inside the function.
-        timeout: seconds one item may take; past it the run fails with ``TimeoutError``.
-        retries: how many more times to try an item whose function raised. Default 0.
+            Default: ``1``.
+        kind: ``"process"`` (worker processes: pure-Python CPU-bound code uses every core) or
+            ``"thread"`` (threads: for I/O, or code that releases the GIL). Default: the
+            pipeline's ``kind`` (``"process"`` unless ``Pipeline(kind=...)`` says otherwise).
+        name: the stage's name in errors, progress and ``to_mermaid()``. Default: the
+            function's ``__name__``.
+        capacity: the bound of the queue feeding the stage, in batches. Default:
+            ``2 * workers``.
+        ordered: False lets items leave the stage as they complete. Default: the pipeline's
+            ``ordered`` (True unless ``Pipeline(ordered=...)`` says otherwise).
+        init: called once per worker, with no arguments, before its first item; what it
+            returns is what :func:`~pipeflow.worker_state` gives the function. Default:
+            ``None``.
+        timeout: seconds one item may take; past it the run fails with a ``TimeoutError``.
+            Default: ``None`` (no limit).
+        retries: how many more times to try an item whose function raised (or whose worker
+            process died). Default: ``0``.
+
+    Example:
+        >>> import pipeflow as pf
+        >>> options = pf.StageOptions(workers=2, kind="thread")
+        >>> pf.Pipeline().stage(str.upper, **options).run(["a", "b"])
+        ['A', 'B']
     """
 
     workers: int
@@ -52,10 +67,10 @@ class StageOptions(TypedDict, total=False):
 class Pipeline:
     """A chain of stages run by bounded worker pools, joined by bounded channels.
 
-    Args:
-        ordered: the default for every step: results come out in input order (True) or as they
-            complete (False).
-        kind: the default worker kind for every step: ``"process"`` or ``"thread"``.
+    A pipeline is immutable: :meth:`stage`, :meth:`filter`, :meth:`flat_map` and :meth:`batch`
+    each return a new one with the step added, so a common prefix can be shared. Every argument
+    is checked when its step is added, before any worker starts. :meth:`run` returns the
+    results in a list; :meth:`iter` streams them.
 
     Example:
         >>> import pipeflow as pf
@@ -68,6 +83,24 @@ class Pipeline:
     """
 
     def __init__(self, *, ordered: bool = True, kind: Kind = "process") -> None:
+        """An empty pipeline, with the defaults of the steps that will be added to it.
+
+        Args:
+            ordered: whether results come out in input order (True) or as they complete
+                (False); a step's own ``ordered=`` overrides it.
+            kind: where steps run: ``"process"`` (worker processes, for pure-Python CPU-bound
+                code) or ``"thread"`` (threads, for I/O or code that releases the GIL); a
+                step's own ``kind=`` overrides it.
+
+        Raises:
+            TypeError: ``ordered`` is not a bool.
+            ValueError: ``kind`` is neither ``"process"`` nor ``"thread"``.
+
+        Example:
+            >>> import pipeflow as pf
+            >>> pf.Pipeline(kind="thread", ordered=False)
+            Pipeline([])
+        """
         _check_bool("ordered", ordered)
         _check_kind(kind)
         self._ordered = ordered
@@ -138,8 +171,39 @@ class Pipeline:
     def stage(self, fn: Callable[[Any], Any], /, **options: Unpack[StageOptions]) -> Pipeline:
         """Adds a stage that maps each item through ``fn``: ``fn(item)`` is the next item.
 
-        ``options`` are those of :class:`StageOptions`, all keyword: ``workers``, ``kind``,
-        ``name``, ``capacity``, ``ordered``, ``init``, ``timeout``, ``retries``.
+        Args:
+            fn: called with one item, in a worker; with ``kind="process"`` it is sent to the
+                worker processes with cloudpickle (lambdas and closures work).
+            **options: the stage's options (:class:`StageOptions`), all keyword, below.
+
+        Keyword Args:
+            workers (int): how many workers run ``fn`` at once (fan-out; their outputs fan in).
+                Default: ``1``.
+            kind (str): ``"process"`` (worker processes: pure-Python CPU-bound code uses every
+                core) or ``"thread"`` (threads: for I/O, or code that releases the GIL).
+                Default: the pipeline's ``kind`` (``"process"`` unless
+                ``Pipeline(kind=...)`` says otherwise).
+            name (str): the stage's name in errors, progress and ``to_mermaid()``. Default:
+                the function's ``__name__``.
+            capacity (int): the bound of the queue feeding the stage, in batches. Default:
+                ``2 * workers``.
+            ordered (bool): False lets items leave the stage as they complete. Default: the
+                pipeline's ``ordered`` (True unless ``Pipeline(ordered=...)`` says otherwise).
+            init (Callable[[], Any]): called once per worker, with no arguments, before its
+                first item; what it returns is what :func:`~pipeflow.worker_state` gives
+                ``fn``. Default: ``None``.
+            timeout (float): seconds one item may take; past it the run fails with a
+                ``TimeoutError``. Default: ``None`` (no limit).
+            retries (int): how many more times to try an item whose function raised (or whose
+                worker process died). Default: ``0``.
+
+        Returns:
+            A new pipeline: this one with the stage added.
+
+        Raises:
+            TypeError: ``fn`` is not callable, an option is unknown or of the wrong type, or
+                (for a process stage) ``fn`` or ``init`` cannot be pickled.
+            ValueError: an option is out of range (``workers < 1``, ``retries < 0``, ...).
 
         Example:
             >>> import pipeflow as pf
@@ -227,8 +291,8 @@ class Pipeline:
                 ``PIPEFLOW_BACKEND`` environment variable if set, else ``"local"``.
 
         Raises:
-            The first exception a stage raised, as the same type, with a note naming the stage
-            and the item's position; every other worker is stopped first.
+            Exception: the first exception a stage raised, as the same type, with a note naming
+                the stage and the item's position; every other worker is stopped first.
 
         Example:
             >>> import pipeflow as pf
