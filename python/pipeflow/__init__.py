@@ -1,6 +1,18 @@
 """pipeflow: parallel pipelines of Python functions on a Rust core, with Go's discipline.
 
-The layers, bottom up (dependencies point one way; see README "How it works"):
+A :class:`Pipeline` chains stages, each with its own pool of worker processes or threads and a
+bounded queue in front of it; ``run`` returns the results in input order, ``iter`` streams them.
+The first error cancels the run and is re-raised, and no run leaves anything behind. The
+primitives underneath are there to use on their own: :class:`Channel` and :func:`select`,
+:class:`Group` (errgroup) and :class:`Context` (cancellation). ``help(pipeflow.Pipeline.stage)``
+lists a stage's options; the README is the guide, ``docs/`` the API reference and the internals.
+
+Example:
+    >>> import pipeflow as pf
+    >>> pf.Pipeline(kind="thread").stage(lambda x: x + 1, workers=4).run(range(5))
+    [1, 2, 3, 4, 5]
+
+The layers, bottom up (dependencies point one way; see ``docs/internals.md``):
 
 - ``_core`` (Rust, pyo3): :class:`Channel` and :func:`select`, the work-stealing pool that runs
   every thread stage and group task, and the shared-memory rings, words and arena.
@@ -15,14 +27,10 @@ The layers, bottom up (dependencies point one way; see README "How it works"):
 
 :class:`Pipeline`, :class:`StageOptions` and :class:`Results` are imported on first use, so
 that a worker process, which imports this package to reach ``_worker``, loads neither the DSL
-nor an engine.
-
-Example:
-    >>> import pipeflow as pf
-    >>> pf.Pipeline(kind="thread").stage(lambda x: x + 1, workers=4).run(range(5))
-    [1, 2, 3, 4, 5]
+nor an engine. ``dir(pipeflow)`` lists the public names only, not the submodules.
 """
 
+import types as _types
 import typing as _typing
 
 from ._context import Context as Context
@@ -88,4 +96,7 @@ def __getattr__(name: str) -> _typing.Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    """The public names and the module's dunders: not the submodules that importing binds here
+    (``pipeflow.pipeline`` and the private ones stay importable, as pickles of pipelines need)."""
+    names = {n for n, v in globals().items() if not isinstance(v, _types.ModuleType)}
+    return sorted({*names, *__all__})
