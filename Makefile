@@ -4,7 +4,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.deps-installed
 
-.PHONY: demo test test-rust test-loom test-python lint build bench bench-build bench-smoke clean
+DOCS   := $(VENV)/.docs-installed
+PIP    := $(PY) -m pip --disable-pip-version-check
+
+.PHONY: demo test test-rust test-loom test-python lint build docs docs-build bench bench-build \
+	bench-smoke clean
 
 # The virtual environment with maturin; re-made when the dependency list changes.
 $(STAMP): pyproject.toml
@@ -24,7 +28,7 @@ build: $(STAMP)
 demo: build
 	$(PY) -m pipeflow demo
 
-test: build test-rust test-loom lint test-python bench-smoke
+test: build test-rust test-loom lint docs-build test-python bench-smoke
 
 test-rust:
 	cargo test --workspace --release
@@ -46,6 +50,28 @@ lint: build
 	$(VENV)/bin/mypy
 	$(PY) -m mypy.stubtest pipeflow._core
 
+# The docs site (mkdocs.yml): the guide, the API reference from the docstrings, the internals.
+# Only the `docs` extra is needed: mkdocstrings reads the sources and the stubs, it imports nothing.
+# The docs extra's requirements, read from pyproject.toml (one list to keep).
+DOCS_EXTRA := import tomllib; \
+	extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; \
+	print("\n".join(extras["docs"]))
+
+$(DOCS): $(STAMP) pyproject.toml
+	@echo "installing the docs tools (the docs extra)..."
+	@$(PY) -c '$(DOCS_EXTRA)' >$(VENV)/docs-requirements.txt
+	@$(PIP) install --quiet -r $(VENV)/docs-requirements.txt
+	@touch $(DOCS)
+
+# Serves the docs at http://127.0.0.1:8000, rebuilt as files change.
+docs: $(DOCS)
+	$(VENV)/bin/mkdocs serve
+
+# Builds the docs into site/ with every warning an error (a broken reference, a docstring griffe
+# cannot read), so that they cannot rot; a few seconds.
+docs-build: $(DOCS)
+	$(VENV)/bin/mkdocs build --strict --quiet
+
 # Benchmarks: pytest-benchmark suites, then the side-by-side comparison with the peers.
 BENCHES := compare transport processes w2check memory faults startup arrays
 
@@ -65,4 +91,4 @@ bench-smoke: bench-build
 	set -e; for b in $(BENCHES); do timeout 600 $(PY) -m benches.$$b --quick >/dev/null; done
 
 clean:
-	rm -rf $(VENV) target
+	rm -rf $(VENV) target site
