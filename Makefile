@@ -12,10 +12,11 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 
 # The virtual environment with maturin; re-made when the dependency list changes.
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "maturin>=1.7,<2"
-	touch $(STAMP)
+	@echo "creating $(VENV) (pip, maturin)..."
+	@$(PYTHON) -m venv $(VENV)
+	@$(PIP) install --quiet --upgrade pip
+	@$(PIP) install --quiet "maturin>=1.7,<2"
+	@touch $(STAMP)
 
 # Builds the extension in release mode into the venv, with the runtime and dev dependencies.
 # The package's bytecode is compiled as a wheel install does (maturin develop installs the source
@@ -25,8 +26,15 @@ build: $(STAMP)
 	$(VENV)/bin/maturin develop --release --quiet --extras dev
 	$(PY) -m compileall -q python/pipeflow
 
-demo: build
-	$(PY) -m pipeflow demo
+# The demo needs the runtime dependencies only; the build's output goes to a log, shown if it
+# fails.
+demo: $(STAMP)
+	@echo "building pipeflow (Rust, release) with its runtime dependencies..."
+	@$(VENV)/bin/maturin develop --release --quiet >$(VENV)/build.log 2>&1 \
+		|| { cat $(VENV)/build.log; exit 1; }
+	@$(PY) -m compileall -q python/pipeflow
+	@echo "running the demo..."
+	@$(PY) -m pipeflow demo
 
 test: build test-rust test-loom lint docs-build test-python bench-smoke
 
