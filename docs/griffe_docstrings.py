@@ -11,6 +11,9 @@ package is loaded, without touching the sources:
   resolved from the scope of the object it appears in, as Python would resolve the name, and
   becomes an optional cross-reference: a link when the target is on a page, plain code when it
   is not (a private helper, a builtin), never a warning.
+- A class of the extension is made by ``__new__`` (a pyo3 ``#[new]``), which its stub declares
+  (stubtest wants it so); mkdocstrings shows a class's signature from ``__init__`` only, so such
+  a class gets an ``__init__`` with ``__new__``'s parameters, for its page.
 """
 
 from __future__ import annotations
@@ -53,11 +56,23 @@ def _crossref(obj: griffe.Object, match: re.Match[str]) -> str:
     return code if path is None else f'<autoref identifier="{path}" optional>{code}</autoref>'
 
 
+def _init_from_new(cls: griffe.Class) -> None:
+    """Gives ``cls`` an ``__init__`` with the parameters of its ``__new__`` (``cls`` aside)."""
+    new = cls.members["__new__"]
+    params = list(new.parameters)[1:]  # type: ignore[union-attr]
+    self = griffe.Parameter("self", kind=griffe.ParameterKind.positional_or_keyword)
+    init = griffe.Function("__init__", parameters=griffe.Parameters(self, *params), returns="None")
+    cls.set_member("__init__", init)
+
+
 class PipeflowDocstrings(griffe.Extension):
-    """Rewrites ``Example:`` headers and Sphinx roles in every docstring of the package."""
+    """Rewrites ``Example:`` headers and Sphinx roles in every docstring of the package, and
+    shows the signature of the classes made by ``__new__``."""
 
     def on_package(self, *, pkg: griffe.Module, **kwargs: Any) -> None:
         for obj in _objects(pkg):
+            if obj.is_class and "__new__" in obj.members and "__init__" not in obj.members:
+                _init_from_new(obj)  # type: ignore[arg-type]
             doc = obj.docstring
             if doc is None:
                 continue

@@ -106,8 +106,7 @@ impl PyChannel {
     /// Sends ``item`` if the channel has room now, without blocking.
     ///
     /// Returns:
-    ///     True if it was sent; False if the channel is full (for a rendezvous channel: if no
-    ///     receiver is waiting).
+    ///     True if it was sent; False if the channel is full (at capacity 0: if no receiver waits).
     ///
     /// Raises:
     ///     ChannelClosed: the channel is closed.
