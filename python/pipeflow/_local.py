@@ -46,7 +46,7 @@ from collections.abc import Callable, Generator, Iterator
 from time import perf_counter
 from typing import Any
 
-from . import _pool, _runtime
+from . import _interrupt, _pool, _runtime
 from ._backend import Progress, Source, register
 from ._batch import Batch, Slot
 from ._context import Context, _current
@@ -175,6 +175,23 @@ class Run:
     def stalled(self) -> bool:
         """Stopped, with the feeder blocked inside the input's ``next()`` (see ``_runtime``)."""
         return self._stopped and self.feeder.in_source
+
+    @property
+    def given_up(self) -> int:
+        """How many of its tasks a Ctrl-C gave up still run (see ``_runtime``)."""
+        return self.tasks.given_up_running()
+
+    def waiting_for(self, running: set[int] | None = None) -> dict[str, int]:
+        """The thread-stage items still running (of ``running``; by default every task that is
+        not given up), per stage label, for the message of a wait (see ``_interrupt``)."""
+        if running is None:
+            running = self.tasks.running()
+        out: dict[str, int] = {}
+        for i, step in enumerate(self.plan.steps):
+            n = sum(1 for t in self.task_ids[i] if t in running) if step.kind == "thread" else 0
+            if n:
+                out[f"stage {i} {step.name!r}"] = n
+        return out
 
     def _abort(self, _ctx: Context | None = None) -> None:
         """Stops everything: closes every channel, which wakes every blocked task."""
@@ -364,6 +381,7 @@ class Run:
         out_ch = self.channels[-1]
         finished = False
         interrupted = False
+        closing = False
         released: list[Any] = []
         try:
             self._start()
@@ -392,6 +410,10 @@ class Run:
             finished = True
         except KeyboardInterrupt:
             interrupted = True
+            _interrupt.note_ctrl_c()
+            raise
+        except GeneratorExit:
+            closing = True
             raise
         finally:
             if not finished:
@@ -409,13 +431,41 @@ class Run:
                     self.ctx.cancel("the caller stopped consuming results")
                 # Ctrl-C and a passed deadline must not wait for items in hand: threads cannot
                 # be killed, so those finish in the background (and find every channel closed).
-                grace = ABANDON_GRACE if interrupted or self.ctx.expired else None
-                self.tasks.join(self._not_waited_for, grace)
+                if interrupted or self.ctx.expired:
+                    self.tasks.join(self._not_waited_for, ABANDON_GRACE)
+                else:
+                    self._join(closing)
         if self._error is not None:
             raise self._error
         if self.ctx.cancelled and self._stopped:
             raise self.ctx.error()
         self.ctx.cancel("the run finished")
+
+    def _join(self, closing: bool) -> None:
+        """Waits for the run's tasks (but a stopped input reader blocked in ``next()``) as the
+        run ends or is closed (``closing``). Items of stage code that does not see the stop can
+        make that long: the wait then says what it waits for (``_interrupt.Notice``), and a
+        Ctrl-C gives them up (they finish in the background, and the exit does not wait for
+        them either) and goes on to the caller as the ``KeyboardInterrupt``. But not from the
+        finalizer of results dropped unclosed (a bare ``for`` loop left by ``break`` or an
+        exception), which no caller would get: there the Ctrl-C only stops the wait."""
+
+        def what() -> str | None:
+            left = self.tasks.waited_for() - self._not_waited_for()
+            items = self.waiting_for(left)
+            return _interrupt.describe(items, len(left) - sum(items.values()))
+
+        notice = _interrupt.Notice(what, "stop waiting")
+        try:
+            while not self.tasks.join(self._not_waited_for, SUPERVISE_EVERY):
+                notice.tick()
+        except KeyboardInterrupt as e:
+            self.tasks.give_up()
+            _interrupt.note_ctrl_c()
+            if closing and not _interrupt.close_reaches_caller():
+                return  # finalized: Python would print the exception and drop it
+            e.__context__ = self._error  # not the GeneratorExit of a close; the error, if any
+            raise
 
     def _supervise(self) -> None:
         """Checks the run's deadline and each in-hand item's timeout (for the runners that do

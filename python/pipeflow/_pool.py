@@ -8,11 +8,9 @@ see ``_runtime``).
 
 from __future__ import annotations
 
-import sys
 import threading
-import time
 
-from . import _runtime
+from . import _interrupt, _runtime
 from ._context import _BACKGROUND
 from ._core import Pool
 
@@ -20,8 +18,7 @@ __all__ = ["default_pool", "shutdown_default_pool"]
 
 MAX_THREADS = 1024
 KEEP_ALIVE = 10.0
-EXIT_GRACE = 5.0  # then a message says what the exit waits for
-EXIT_SLICE = 0.1
+EXIT_SLICE = 0.1  # the exit's wait for the pool checks what it waits for this often
 
 _lock = threading.Lock()
 _pool: Pool | None = None
@@ -70,29 +67,41 @@ def _at_exit() -> None:
     interpreter while it finalizes would abort the process. Runs and groups that derive from the
     background context (all but those given a root ``Context`` of their own) are cancelled first,
     so their workers stop at the next item; code that ignores cancellation is waited for, as
-    ``concurrent.futures`` waits for its threads. Not waited for: a stopped run's input reader
-    blocked in the input's ``next()``, which may never return."""
+    ``concurrent.futures`` waits for its threads, and a wait that lasts says what it waits for
+    (``_interrupt.Notice``). Not waited for: a stopped run's input reader blocked in the input's
+    ``next()``, which may never return. A Ctrl-C meanwhile (the exit steps turn it into
+    ``_runtime.quit_now``), or tasks a Ctrl-C gave up with nothing else left to wait for, end
+    the process at once."""
     global _exited, _pool
     _BACKGROUND._cancel("the interpreter is exiting", expired=False)
     with _lock:
         pool, _pool, _exited = _pool, None, True
     if pool is None:
         return
-    warn_at: float | None = time.monotonic() + EXIT_GRACE
+    notice = _interrupt.Notice(lambda: _waited_for(pool), "quit now")
     while not pool.shutdown(EXIT_SLICE):
         # Not waited for: a stopped run's input reader blocked in the input's next(). That may
         # never return (an event queue nobody feeds any more), and the exit would hang for good.
-        if pool.running <= _runtime.stalled_readers():
+        stalled, given_up = _runtime.stalled_readers(), _runtime.given_up_tasks()
+        if pool.running <= stalled + given_up:
+            if given_up:
+                _runtime.quit_now()  # the user said not to wait for those
             return
-        if warn_at is not None and time.monotonic() >= warn_at:
-            warn_at = None
-            print(
-                f"pipeflow: waiting at exit for {pool.running} task(s) still running on the "
-                "pool (threads cannot be killed; stage code can stop early with "
-                "pipeflow.current_context().raise_if_cancelled())",
-                file=sys.stderr,
-                flush=True,
-            )
+        notice.tick()
+
+
+def _waited_for(pool: Pool) -> str | None:
+    """What the exit waits for, in words (see ``_interrupt.describe``)."""
+    items = _runtime.waiting_for()
+    left = pool.running - _runtime.stalled_readers() - _runtime.given_up_tasks()
+    text = _interrupt.describe(items, left - sum(items.values()))
+    if text is not None and not items:
+        # Not a stage's item: a group's task, or code of a run with a root context of its own.
+        text += (
+            " (threads cannot be killed; stage code can stop early with "
+            "pipeflow.current_context().raise_if_cancelled())"
+        )
+    return text
 
 
 _runtime.after_fork("pool", _after_fork_in_child)

@@ -24,6 +24,7 @@ class Tasks:
         self._cond = threading.Condition()
         self._running: set[int] = set()
         self.abandoned: set[int] = set()  # running past an item timeout: not waited for
+        self.given_up: set[int] = set()  # a Ctrl-C gave them up: the exit does not wait either
         self.threads: dict[int, int] = {}  # running task -> the thread it runs on
         self._ids = itertools.count()
 
@@ -65,12 +66,34 @@ class Tasks:
         """Whether the calling thread runs one of these tasks."""
         return threading.get_ident() in self.threads.values()
 
-    def join(self, skip: Callable[[], set[int]], timeout: float | None = None) -> None:
+    def give_up(self) -> None:
+        """Stops waiting for every task still running, for good: neither the run nor the
+        interpreter's exit waits for them (see ``_interrupt``)."""
+        with self._cond:
+            self.abandoned |= self._running
+            self.given_up |= self._running
+
+    def running(self) -> set[int]:
+        """The tasks still running, but those given up."""
+        with self._cond:
+            return self._running - self.given_up
+
+    def waited_for(self) -> set[int]:
+        """The tasks still running that the run waits for: not abandoned, nor given up."""
+        with self._cond:
+            return self._running - self.abandoned
+
+    def given_up_running(self) -> int:
+        """How many of the tasks given up still run."""
+        with self._cond:
+            return len(self._running & self.given_up)
+
+    def join(self, skip: Callable[[], set[int]], timeout: float | None = None) -> bool:
         """Waits for every task but those abandoned and those ``skip()`` names; with
-        ``timeout``, at most that long."""
+        ``timeout``, at most that long. Returns whether they all ended."""
 
         def done() -> bool:
             return not (self._running - self.abandoned - skip())
 
         with self._cond:
-            self._cond.wait_for(done, timeout)
+            return self._cond.wait_for(done, timeout)
