@@ -114,9 +114,7 @@ class Notice:
             return False
         self.said = True
         again = "again " if _ctrl_c_seen else ""
-        print(
-            f"pipeflow: waiting for {text}; press Ctrl-C {again}to {self._then}",
-            file=sys.stderr,
-            flush=True,
-        )
+        # One write: a Ctrl-C that lands right after it (the user read it) cuts no line short.
+        sys.stderr.write(f"pipeflow: waiting for {text}; press Ctrl-C {again}to {self._then}\n")
+        sys.stderr.flush()
         return True
