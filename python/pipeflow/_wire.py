@@ -3,11 +3,14 @@ ring, the shared word's values, and the remote traceback of an exception (a leaf
 
 ::
 
-    parent ──► worker   Setup(op, fn, init, path, keep)  load a step (again, for a warm worker)
+    parent ──► worker   Setup(op, fn, init, path, keep, logging)
+                                                    load a step (again, for a warm worker)
                         Work(keys, payload, descs)  run it over a batch
     worker ──► parent   Ready()                     the step loaded, init ran
                         Done(keys, size, payload, n, descs, lent, busy)
                         Failed(error, item, shown)
+                        Log(record)                 stage code logged (any time: see _output)
+                        Output(parts, flush)        stage code printed (any time: see _output)
 
 Each message is pickled (protocol 5) and pushed as one or more frames of at most the ring's
 ``max_frame`` bytes, each led by a byte that says whether more follow. ``payload`` is a batch's
@@ -34,6 +37,8 @@ __all__ = [
     "RECEIVING",
     "Done",
     "Failed",
+    "Log",
+    "Output",
     "Ready",
     "Setup",
     "Work",
@@ -58,13 +63,15 @@ Desc = tuple[int, int, int, int]
 class Setup(NamedTuple):
     """Load a step: its op (``_apply.worker_op``), function and init (each its key, and its
     pickle unless the worker kept it from an earlier setup), the parent's ``sys.path``, so that
-    functions pickled by reference import in the child, and the keys the worker is to keep."""
+    functions pickled by reference import in the child, the keys the worker is to keep,
+    and the parent's logging levels (``_output.log_levels``: None, forward every record)."""
 
     op: str
     fn: tuple[bytes, bytes | None]
     init: tuple[bytes, bytes | None]
     path: list[str]
     keep: list[bytes]
+    logging: tuple[int, int, dict[str, int]] | None = None
 
 
 class Work(NamedTuple):
@@ -99,6 +106,21 @@ class Failed(NamedTuple):
     error: bytes
     item: int | None
     shown: str | None
+
+
+class Log(NamedTuple):
+    """A log record of stage code, as ``_output`` re-emits it in the parent: the record's
+    attributes, its message formatted and its exception's traceback as text (``exc_text``)."""
+
+    record: dict[str, Any]
+
+
+class Output(NamedTuple):
+    """What stage code wrote to ``sys.stdout`` (stream 1) and ``sys.stderr`` (2), in the order
+    written; ``flush``: it asked for a flush, which the parent's stream gets too."""
+
+    parts: list[tuple[int, str]]
+    flush: bool
 
 
 def send_message(ring: Ring, message: Any, timeout: float | None = None) -> None:
