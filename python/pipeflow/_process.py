@@ -14,6 +14,11 @@ messages and their framing are ``_wire``'s (the step's function and ``init`` go 
 lambdas and notebook functions work). What to do with a crash or a timeout (retry, re-send) is
 the process stage runner's (``_process_stage``).
 
+What stage code logs and prints comes on the reply ring between the replies; the parent re-emits
+it wherever it reads the ring (``_output.forward``), drains a dead worker's ring before reporting
+the crash, and reads it while it waits to send (a worker blocked writing its output reads no
+request) or for a stopped worker to exit.
+
 The parent waits for a reply in slices and looks at the worker between them: a worker that died is
 reported as :class:`~pipeflow.WorkerCrashed` with its exit code or signal and the item it held
 (the worker writes the index of each item into a shared word before running it); one that holds
@@ -41,11 +46,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
-from . import _runtime, _shm, _zygote
+from . import _output, _runtime, _shm, _zygote
 from ._batch import Batch, Slot
 from ._core import Block, Ring, Word
 from ._errors import ChannelClosed, ItemTimeout, WorkerCrashed
@@ -216,6 +221,7 @@ class WorkerProcess:
         # The keys of the pickled functions (and inits) the worker keeps, and their sizes:
         # a warm worker is sent an unchanged function's key alone.
         self.holds: OrderedDict[bytes, int] = OrderedDict()
+        self.stage: str | None = None  # the step's name, in its log records (attach sets it)
         if attach is not None:
             attach(self)
         self.setup(op, fn, init, label, stopping, confirm)
@@ -229,6 +235,8 @@ class WorkerProcess:
         # length after the last. Read only after the worker died.
         self.at = Word()
         self.at[0] = RECEIVING
+        self._parts: list[bytes] = []  # the frames of a reply begun (a writer may pause mid-reply)
+        self._stash: deque[Any] = deque()  # replies read while sending (see _sending)
         return [self.to_child.fd, self.from_child.fd, self.at.fd, _shm.arena().fd]
 
     def setup(
@@ -251,7 +259,14 @@ class WorkerProcess:
             init = init if isinstance(init, Packed) else pack(init, label)
             # The parent's sys.path, so that functions pickled by reference (from modules the
             # parent imported: a test file, a package under development) import in the child.
-            setup = Setup(op, self._offer(fn), self._offer(init), sys.path, self._kept())
+            setup = Setup(
+                op,
+                self._offer(fn),
+                self._offer(init),
+                sys.path,
+                self._kept(),
+                _output.log_levels(),
+            )
             send_bytes(
                 self.to_child,
                 pickle.dumps(setup, protocol=5),
@@ -322,9 +337,15 @@ class WorkerProcess:
         """Queues an encoded request for the worker; it answers requests in order. A request
         larger than the room in the ring waits for the worker to read: if it dies meanwhile,
         this raises ``WorkerCrashed`` (or ``Stopped``, if the run stopped)."""
-        send_bytes(
-            self.to_child, request, check=lambda: self._check_alive(lambda: "sending a batch")
-        )
+        send_bytes(self.to_child, request, check=self._sending)
+
+    def _sending(self) -> None:
+        """Between the waits of a request for room in the worker's ring: a worker blocked
+        writing its output (an ``init`` that prints a lot) reads no request, so its output is
+        taken meanwhile; replies read with it wait in the stash for :meth:`_wait_reply`."""
+        self._check_alive(lambda: "sending a batch")
+        while (reply := self._drain()) is not None:
+            self._stash.append(reply)
 
     def _check_alive(self, what: Callable[[], str]) -> None:
         """Raises if the run stopped (killing the worker) or the worker died."""
@@ -398,10 +419,15 @@ class WorkerProcess:
         with ``until_read``, only while ``until_read()`` holds: the timeout stops counting once
         the worker has read the request (it then loads the step, for as long as that takes)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        parts: list[bytes] = []  # a reply's frames so far: a slow writer may pause mid-reply
         while True:
+            if self._stash:
+                return self._stash.popleft()
             try:
-                return recv_message(self.from_child, POLL, parts)
+                reply = self._next(POLL)
+                if reply is not None:
+                    return reply
+                # Output, forwarded: the checks still run (a worker that prints without end
+                # is watched, timed and stopped all the same).
             except TimeoutError:
                 pass
             except ChannelClosed:
@@ -411,22 +437,43 @@ class WorkerProcess:
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         self.proc.wait(POLL)
             if not self.stopping() and self.proc.poll() is not None:
-                # A reply the worker finished before it died is still in the ring: take it.
-                with contextlib.suppress(TimeoutError, ChannelClosed):
-                    return recv_message(self.from_child, 0, parts)
+                # What the worker sent before it died is still in the ring: its output (the
+                # parent's streams get it before the crash is reported), a reply it finished.
+                reply = self._drain()
+                if reply is not None:
+                    return reply
             self._check_alive(what)
             if deadline is not None and until_read is not None and not until_read():
                 deadline = None  # read: no limit from now on
             if deadline is not None and time.monotonic() >= deadline:
                 # A reply that came since the wait above (the worker read the request, and
                 # answered, in between) is taken, not lost to a kill.
-                with contextlib.suppress(TimeoutError, ChannelClosed):
-                    return recv_message(self.from_child, 0, parts)
+                reply = self._drain()
+                if reply is not None:
+                    return reply
                 self.kill()
                 raise ItemTimeout(
                     f"{self.label}: no reply within timeout={timeout} s while {what()}; "
                     f"the worker process (pid {self.proc.pid}) was killed"
                 )
+
+    def _next(self, timeout: float) -> Any:
+        """The next message: a reply, or None for output (forwarded). Raises ``TimeoutError``
+        when none comes in ``timeout``, ``ChannelClosed`` when the ring is closed and empty."""
+        message = recv_message(self.from_child, timeout, self._parts)
+        if _output.forward(message, self.label, self.stage):
+            return None
+        return message
+
+    def _drain(self) -> Any:
+        """Forwards the output waiting in the ring up to the first reply, which it returns
+        (None: the ring holds no whole message more)."""
+        with contextlib.suppress(TimeoutError, ChannelClosed):
+            while True:
+                reply = self._next(0)
+                if reply is not None:
+                    return reply
+        return None
 
     def stop(self, timeout: float = 5.0) -> None:
         """Asks the worker to exit, makes sure it did (killing it past ``timeout``), and
@@ -436,7 +483,7 @@ class WorkerProcess:
         if self.proc.poll() is None:
             try:
                 self.to_child.close_write()
-                self.proc.wait(timeout)
+                self._wait_exit(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
         self._drop_unread_replies()
@@ -445,12 +492,24 @@ class WorkerProcess:
         # Drop the rings now, not when this object goes: a traceback may keep it alive.
         self.to_child = self.from_child = self.at = _CLOSED
 
+    def _wait_exit(self, timeout: float) -> None:
+        """Waits for the worker to exit, forwarding its output meanwhile (its last words may
+        wait for room in a full ring); ``subprocess.TimeoutExpired`` past ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._drop_unread_replies()
+            try:
+                self.proc.wait(max(0.0, min(POLL, deadline - time.monotonic())))
+                return
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    raise
+
     def _drop_unread_replies(self) -> None:
-        """Frees the shared-memory blocks of whole replies left in the ring (a stopped run)."""
-        parts: list[bytes] = []
-        with contextlib.suppress(Exception):  # empty, closed, or a reply cut short by a kill
-            while True:
-                reply = recv_message(self.from_child, 0, parts)
+        """Forwards the output left in the ring, and frees the shared-memory blocks of whole
+        replies left there (a stopped run)."""
+        with contextlib.suppress(Exception):  # a closed ring, a reply cut short by a kill
+            while (reply := self._stash.popleft() if self._stash else self._drain()) is not None:
                 if type(reply) is Done:  # adopted and dropped: freed (lent ones carry nothing)
                     _shm.adopt([d for i, d in enumerate(reply.descs) if i not in reply.lent])
 

@@ -110,6 +110,7 @@ class ProcessRunner:
 
     def _attach(self, worker: WorkerProcess) -> None:
         self._starting = worker
+        worker.stage = self.duty.step.name  # in the log records it forwards
         if self.stopping():  # a stop that came before: interrupt() did not see this worker
             worker.interrupt()
 

@@ -12,6 +12,9 @@ dies. Large buffers come and go through the parent's shared-memory arena on AREN
 TAG names the blocks this process writes; PARENT is its parent's pid (this process's parent: the
 fork server for a forked worker). It exits when the parent closes its input ring, or when the
 parent dies.
+
+Stage code's log records and prints go to the parent on the reply ring too, between the replies
+(``_output``: one writer orders them; the parent's logging levels come with each ``Setup``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import threading
 from time import perf_counter
 from typing import Any
 
-from . import _shm, _state
+from . import _output, _shm, _state
 from ._apply import Apply, worker_apply
 from ._batch import Batch
 from ._core import Ring, Word
@@ -40,7 +43,6 @@ from ._wire import (
     failure,
     first_unpicklable,
     recv_message,
-    send_message,
 )
 
 PARENT_CHECK = 1.0
@@ -148,7 +150,10 @@ def _ignore_interrupt(_signum: int, _frame: Any) -> None:
 
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, _ignore_interrupt)
-    inbox, outbox = Ring.open(int(argv[0])), Ring.open(int(argv[1]))
+    inbox, ring = Ring.open(int(argv[0])), Ring.open(int(argv[1]))
+    # The reply ring's one writer: the replies below, and what stage code logs and prints.
+    outbox = _output.Outbox(ring)
+    _output.install(outbox)
     at = Word.open(int(argv[2]))
     slot = WordSlot(at)
     _shm.attach(int(argv[3]), int(argv[4]))
@@ -179,16 +184,17 @@ def main(argv: list[str]) -> int:
                     "pipeflow: the worker process could not unpickle a batch sent to it "
                     "(are the items' classes importable from the worker, not only __main__?)"
                 )
-                send_message(outbox, failure(e))
+                outbox.send(failure(e))
                 continue
             if type(message) is Setup:  # the first request, and again for a warm worker reused
                 at[0] = LOADING  # read: the parent's start-up timeout stops counting
+                _output.apply_levels(message.logging)
                 try:
                     fn, apply = _setup(message)
                 except BaseException as e:
-                    send_message(outbox, failure(e))
+                    outbox.send(failure(e))
                     return 1
-                send_message(outbox, Ready())
+                outbox.send(Ready())
                 continue
             assert batch is not None
             reply = _answer(fn, apply, batch, slot, never, {b.desc[:2] for b in blocks}, since)
@@ -197,11 +203,12 @@ def main(argv: list[str]) -> int:
             message = batch = None
             _shm.keep_used(blocks)
             del blocks
-            send_message(outbox, reply)
+            outbox.send(reply)  # after what the batch printed
     except ChannelClosed:
         return 0
     finally:
-        outbox.close_write()
+        _output.uninstall(outbox)
+        ring.close_write()
 
 
 if __name__ == "__main__":
