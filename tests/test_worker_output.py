@@ -27,7 +27,7 @@ import pytest
 from conftest import wait_until
 
 import pipeflow as pf
-from pipeflow import _output, _process, _shm
+from pipeflow import _output, _process, _shm, _zygote
 
 LOGGER = "pipeflow.tests.worker_output"
 log = logging.getLogger(LOGGER)
@@ -194,11 +194,15 @@ def records() -> Iterator[Records]:
 
 @pytest.fixture(params=["forkserver", "spawn"])
 def method(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Both start methods of process workers (no warm worker of the other one is reused)."""
+    """Both start methods of process workers (no warm worker of the other one is reused; a
+    fork server this starts, under an outer ``PIPEFLOW_START_METHOD=spawn``, is stopped)."""
     _process.shutdown_idle()
+    server = _zygote.server_pid()
     monkeypatch.setenv("PIPEFLOW_START_METHOD", str(request.param))
     yield str(request.param)
     _process.shutdown_idle()
+    if server is None:
+        _zygote.shutdown()
 
 
 def logs(x: int) -> int:
@@ -389,6 +393,21 @@ def test_output_larger_than_the_ring_while_a_large_batch_waits_to_be_sent(
         assert pf.Pipeline().stage(prints).run([2]) == [2]  # the same worker, sound
     assert n == BIG
     assert out.getvalue() == "x" * BIG + "\nout 2\npart 2\n"
+
+
+def print_forever(x: int) -> None:
+    while True:
+        print("again", x)
+
+
+def test_a_worker_that_prints_without_end_is_still_timed_out_and_stopped() -> None:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(TimeoutError, match=r"timeout=0\.5"):
+        pf.Pipeline().stage(print_forever, timeout=0.5).run([1])
+    assert out.getvalue().startswith("again 1\n")
+    with contextlib.redirect_stdout(out), pytest.raises(pf.DeadlineExceeded):
+        pf.Pipeline().stage(print_forever).run([2], timeout=0.5)  # the run's deadline: a stop
+    assert "again 2\n" in out.getvalue()
 
 
 def nested(x: int) -> list[int]:
