@@ -455,6 +455,7 @@ def test_the_worker_side_levels_are_the_callers(records: Records) -> None:
 
 
 def write_bytes(x: int) -> bool:
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     sys.stdout.buffer.write("bytes é\n".encode(sys.stdout.encoding))
     sys.stdout.flush()
     return sys.stdout.isatty() == os.isatty(sys.stdout.fileno())

@@ -187,6 +187,10 @@ class _Stream(io.TextIOBase):
     def line_buffering(self) -> bool:
         return True
 
+    def reconfigure(self, **_options: Any) -> None:
+        """``TextIOWrapper.reconfigure``: nothing to change (text crosses as text, whole
+        lines), accepted so that code that calls it on ``sys.stdout`` runs."""
+
     @property
     def buffer(self) -> _Binary:
         if self._binary is None:
