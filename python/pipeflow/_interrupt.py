@@ -78,14 +78,16 @@ def close_reaches_caller() -> bool:
         >>> close_reaches_caller()  # called from no close at all
         False
     """
-    from ._results import Results
-
+    # Not imported: this module is reached from the worker's side, which imports no engine (a
+    # Results being closed means the module is loaded).
+    results = sys.modules.get("pipeflow._results")
+    close = getattr(getattr(results, "Results", None), "close", None)
     frame: FrameType | None = sys._getframe(1)
     while frame is not None and not frame.f_code.co_flags & inspect.CO_GENERATOR:
         frame = frame.f_back  # the plain functions the generator called
     while frame is not None and frame.f_code.co_flags & inspect.CO_GENERATOR:
         frame = frame.f_back
-    return frame is not None and frame.f_code is Results.close.__code__
+    return frame is not None and close is not None and frame.f_code is close.__code__
 
 
 class Notice:

@@ -394,7 +394,7 @@ class Run:
                 except ChannelClosed:
                     break
                 if perf_counter() >= next_check or batch is None:
-                    self._supervise()
+                    _supervise(self)
                     next_check = perf_counter() + SUPERVISE_EVERY
                 if batch is None:
                     continue
@@ -434,59 +434,61 @@ class Run:
                 if interrupted or self.ctx.expired:
                     self.tasks.join(self._not_waited_for, ABANDON_GRACE)
                 else:
-                    self._join(closing)
+                    _join(self, closing)
         if self._error is not None:
             raise self._error
         if self.ctx.cancelled and self._stopped:
             raise self.ctx.error()
         self.ctx.cancel("the run finished")
 
-    def _join(self, closing: bool) -> None:
-        """Waits for the run's tasks (but a stopped input reader blocked in ``next()``) as the
-        run ends or is closed (``closing``). Items of stage code that does not see the stop can
-        make that long: the wait then says what it waits for (``_interrupt.Notice``), and a
-        Ctrl-C gives them up (they finish in the background, and the exit does not wait for
-        them either) and goes on to the caller as the ``KeyboardInterrupt``. But not from the
-        finalizer of results dropped unclosed (a bare ``for`` loop left by ``break`` or an
-        exception), which no caller would get: there the Ctrl-C only stops the wait."""
 
-        def what() -> str | None:
-            left = self.tasks.waited_for() - self._not_waited_for()
-            items = self.waiting_for(left)
-            return _interrupt.describe(items, len(left) - sum(items.values()))
+def _join(run: Run, closing: bool) -> None:
+    """Waits for the run's tasks (but a stopped input reader blocked in ``next()``) as the
+    run ends or is closed (``closing``). Items of stage code that does not see the stop can
+    make that long: the wait then says what it waits for (``_interrupt.Notice``), and a
+    Ctrl-C gives them up (they finish in the background, and the exit does not wait for
+    them either) and goes on to the caller as the ``KeyboardInterrupt``. But not from the
+    finalizer of results dropped unclosed (a bare ``for`` loop left by ``break`` or an
+    exception), which no caller would get: there the Ctrl-C only stops the wait."""
 
-        notice = _interrupt.Notice(what, "stop waiting")
-        try:
-            while not self.tasks.join(self._not_waited_for, SUPERVISE_EVERY):
-                notice.tick()
-        except KeyboardInterrupt as e:
-            self.tasks.give_up()
-            _interrupt.note_ctrl_c()
-            if closing and not _interrupt.close_reaches_caller():
-                return  # finalized: Python would print the exception and drop it
-            e.__context__ = self._error  # not the GeneratorExit of a close; the error, if any
-            raise
+    def what() -> str | None:
+        left = run.tasks.waited_for() - run._not_waited_for()
+        items = run.waiting_for(left)
+        return _interrupt.describe(items, len(left) - sum(items.values()))
 
-    def _supervise(self) -> None:
-        """Checks the run's deadline and each in-hand item's timeout (for the runners that do
-        not time items themselves); sends what a stalled input left in the feeder's hands."""
-        if self.ctx.cancelled:  # also fires a passed deadline
-            return
-        self.feeder.flush_stalled()
-        now = perf_counter()
-        for index, step in enumerate(self.plan.steps):
-            limit = step.timeout
-            if limit is None or self.sizers[index].traits.times_items:
-                continue
-            for w, slot in enumerate(self.slots[index]):
-                key = slot.key()
-                if key is not None and now - slot.since > limit:
-                    self.tasks.abandon(self.task_ids[index][w])
-                    self._fail(
-                        ItemTimeout(
-                            f"an item took longer than timeout={limit} s; the thread running "
-                            "it cannot be stopped and finishes in the background"
-                        ),
-                        self._where(index, w, slot),
-                    )
-                    return
+    notice = _interrupt.Notice(what, "stop waiting")
+    try:
+        while not run.tasks.join(run._not_waited_for, SUPERVISE_EVERY):
+            notice.tick()
+    except KeyboardInterrupt as e:
+        run.tasks.give_up()
+        _interrupt.note_ctrl_c()
+        if closing and not _interrupt.close_reaches_caller():
+            return  # finalized: Python would print the exception and drop it
+        e.__context__ = run._error  # not the GeneratorExit of a close; the error, if any
+        raise
+
+
+def _supervise(run: Run) -> None:
+    """Checks the run's deadline and each in-hand item's timeout (for the runners that do
+    not time items themselves); sends what a stalled input left in the feeder's hands."""
+    if run.ctx.cancelled:  # also fires a passed deadline
+        return
+    run.feeder.flush_stalled()
+    now = perf_counter()
+    for index, step in enumerate(run.plan.steps):
+        limit = step.timeout
+        if limit is None or run.sizers[index].traits.times_items:
+            continue
+        for w, slot in enumerate(run.slots[index]):
+            key = slot.key()
+            if key is not None and now - slot.since > limit:
+                run.tasks.abandon(run.task_ids[index][w])
+                run._fail(
+                    ItemTimeout(
+                        f"an item took longer than timeout={limit} s; the thread running "
+                        "it cannot be stopped and finishes in the background"
+                    ),
+                    run._where(index, w, slot),
+                )
+                return
