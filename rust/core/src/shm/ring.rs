@@ -152,9 +152,12 @@ type EndsEntry = ((u64, u64), std::sync::Weak<Ends>);
 static ENDS: std::sync::Mutex<Vec<EndsEntry>> = std::sync::Mutex::new(Vec::new());
 
 /// The ends of the memfd `id`: those of a live `Ring` of this process over it, or new ones at
-/// `positions()` (read only when there are none).
+/// `positions()` (read only when there are none; its error is passed on).
 #[cfg(not(loom))]
-fn ends_of(id: (u64, u64), positions: impl FnOnce() -> (u64, u64)) -> Arc<Ends> {
+fn ends_of(
+    id: (u64, u64),
+    positions: impl FnOnce() -> std::io::Result<(u64, u64)>,
+) -> std::io::Result<Arc<Ends>> {
     // Poisoning is ignored: the list is whole between any two of its operations.
     let mut all = ENDS.lock().unwrap_or_else(|p| p.into_inner());
     all.retain(|(_, ends)| ends.strong_count() > 0);
@@ -163,12 +166,30 @@ fn ends_of(id: (u64, u64), positions: impl FnOnce() -> (u64, u64)) -> Arc<Ends> 
         .find(|(key, _)| *key == id)
         .and_then(|(_, ends)| ends.upgrade())
     {
-        return ends;
+        return Ok(ends);
     }
-    let (write, read) = positions();
+    let (write, read) = positions()?;
     let ends = Ends::at(write, read);
     all.push((id, Arc::downgrade(&ends)));
-    ends
+    Ok(ends)
+}
+
+/// The highest position an end starts from: 2^63 bytes, which take 29 years at 10 GB/s, so
+/// that no position arithmetic (a position plus a ring's length) can overflow.
+#[cfg(not(loom))]
+const MAX_START: u64 = 1 << 63;
+
+/// Whether `write` and `read` are positions the two ends of a ring of `capacity` bytes could
+/// have reached: multiples of 8 (every frame's stride is one), the reader behind the writer by
+/// at most the ring's length, and far from overflowing. An end only goes on from positions that
+/// pass: an unaligned one would put a frame header across the end of the data area.
+#[cfg(not(loom))]
+fn reachable(write: u64, read: u64, capacity: u64) -> bool {
+    write % 8 == 0
+        && read % 8 == 0
+        && read <= write
+        && write - read <= capacity
+        && write < MAX_START
 }
 
 /// Under loom: the ring's memory on the heap, each data byte a loom cell (so that loom reports
@@ -271,7 +292,7 @@ impl Ring {
             std::ptr::addr_of_mut!((*h).capacity).write(capacity);
             std::ptr::addr_of_mut!((*h).magic).write(MAGIC);
         }
-        let ends = ends_of(region.id(), || (0, 0));
+        let ends = ends_of(region.id(), || Ok((0, 0)))?;
         Ok(Ring {
             region,
             capacity,
@@ -307,13 +328,18 @@ impl Ring {
         // SAFETY: as above, the header fits and is aligned; its positions are atomics.
         let h = unsafe { &*region.as_ptr().cast::<Header>() };
         // Each end starts where the ring's last user of that end left it (0 for a fresh ring),
-        // unless a `Ring` of this process already holds the ends of this memfd.
+        // unless a `Ring` of this process already holds the ends of this memfd. `read` first:
+        // the consumer may move it meanwhile, but never past the `write` loaded after it.
         let ends = ends_of(region.id(), || {
-            (
-                h.write.load(Ordering::Acquire),
-                h.read.load(Ordering::Acquire),
-            )
-        });
+            let read = h.read.load(Ordering::Acquire);
+            let write = h.write.load(Ordering::Acquire);
+            if !reachable(write, read, capacity) {
+                return Err(bad(
+                    "the ring's positions are ones no ring could reach (damaged)",
+                ));
+            }
+            Ok((write, read))
+        })?;
         Ok(Ring {
             region,
             capacity,
@@ -835,6 +861,40 @@ mod tests {
         drop((first, second));
         let third = ring(256);
         assert!(third.producer().is_some() && third.consumer().is_some());
+    }
+
+    #[test]
+    fn open_refuses_positions_no_ring_could_reach() {
+        // Found by fuzzing (tests/fuzz_ring.rs): a header whose `write` was unaligned (here 4
+        // bytes before the end of the data area) made the first push write a pad frame header
+        // across the end, and the store's bounds assertion panicked.
+        let cap = 128u64;
+        for (write, read) in [
+            (cap - 4, 0),                 // unaligned
+            (16, 12),                     // unaligned reader
+            (8, 16),                      // the reader ahead of the writer
+            (3 * cap, cap - 8),           // the writer more than a ring ahead
+            (u64::MAX - 7, u64::MAX - 7), // about to overflow
+        ] {
+            let r = ring(cap as usize);
+            r.header().write.store(write, Ordering::SeqCst);
+            r.header().read.store(read, Ordering::SeqCst);
+            let fd = r.region().fd().try_clone_to_owned().unwrap();
+            drop(r); // no `Ring` of this process holds the ends: `open` reads the header
+            let err = Ring::open(Region::from_fd(fd).unwrap()).err();
+            let err = err.unwrap_or_else(|| panic!("opened at write {write}, read {read}"));
+            assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+        }
+        // Positions a ring does reach, a lap and more along, open and go on.
+        let r = ring(cap as usize);
+        r.header().write.store(5 * cap + 8, Ordering::SeqCst);
+        r.header().read.store(5 * cap - 16, Ordering::SeqCst);
+        let fd = r.region().fd().try_clone_to_owned().unwrap();
+        drop(r);
+        let again = Ring::open(Region::from_fd(fd).unwrap()).unwrap();
+        let mut tx = again.producer().unwrap();
+        tx.push(&[9; 40], soon()).unwrap();
+        assert_eq!(tx.write, 5 * cap + 8 + 48);
     }
 
     #[test]
