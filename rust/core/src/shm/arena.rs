@@ -213,7 +213,7 @@ impl Arena {
         let data_len = data_len
             .checked_next_multiple_of(PAGE)
             .ok_or_else(|| invalid("arena size too large"))?;
-        let data_off = Self::layout(nslots);
+        let data_off = Self::layout(nslots).ok_or_else(|| invalid("arena too large"))?;
         let total = data_off
             .checked_add(data_len)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "arena too large"))?;
@@ -260,9 +260,13 @@ impl Arena {
             ((*h).magic, (*h).nslots, (*h).data_off, (*h).data_len)
         };
         let (nslots, data_off, data_len) = (nslots as usize, data_off as usize, data_len as usize);
+        // The slot count first bounded (descriptors name slots with a u32), and the layout
+        // computed without wrapping: an absurd count whose layout wrapped around to the
+        // header's `data_off` would have every slot past the first few outside the mapping.
         if magic != MAGIC
             || nslots == 0
-            || data_off != Self::layout(nslots)
+            || nslots > u32::MAX as usize
+            || Self::layout(nslots) != Some(data_off)
             || data_off.checked_add(data_len) != Some(region.len())
         {
             return Err(invalid("not an arena: bad header"));
@@ -275,13 +279,17 @@ impl Arena {
         })
     }
 
-    /// Where the data area starts, for `nslots` slots.
-    fn layout(nslots: usize) -> usize {
-        let extents_off = PAGE + round_up(nslots * std::mem::size_of::<Slot>(), 64);
-        round_up(
-            extents_off + (nslots + 1) * std::mem::size_of::<Extent>(),
-            PAGE,
-        )
+    /// Where the data area starts, for `nslots` slots; None if that overflows.
+    fn layout(nslots: usize) -> Option<usize> {
+        let slots = nslots
+            .checked_mul(std::mem::size_of::<Slot>())?
+            .checked_next_multiple_of(64)?;
+        let extents = nslots
+            .checked_add(1)?
+            .checked_mul(std::mem::size_of::<Extent>())?;
+        PAGE.checked_add(slots)?
+            .checked_add(extents)?
+            .checked_next_multiple_of(PAGE)
     }
 
     /// The memfd, to hand to a child process.
@@ -478,7 +486,8 @@ impl Arena {
         })
     }
 
-    /// Checks that `desc` names a live block and lies inside it (a descriptor from a message).
+    /// Checks that `desc` names a live block and lies inside it (a descriptor from a message),
+    /// and so inside the data area, whatever the bytes of the descriptor or of the slot.
     pub fn check(&self, desc: &Desc) -> io::Result<()> {
         if desc.slot as usize >= self.nslots {
             return Err(invalid("bad block descriptor: no such slot"));
@@ -488,8 +497,14 @@ impl Arena {
             return Err(invalid("bad block descriptor: the block is not live"));
         }
         let (off, len) = slot.place();
+        // The slot's place is checked too: the slots are shared memory, and one that another
+        // process scribbled on must not let a descriptor reach outside the data area.
+        let block_end = off.checked_add(len).filter(|&e| e <= self.data_len as u64);
+        let Some(block_end) = block_end else {
+            return Err(invalid("bad block descriptor: its slot is damaged"));
+        };
         let end = desc.start.checked_add(desc.len);
-        if desc.start < off || end.is_none_or(|e| e > off + len) {
+        if desc.start < off || end.is_none_or(|e| e > block_end) {
             return Err(invalid("bad block descriptor: outside its block"));
         }
         Ok(())

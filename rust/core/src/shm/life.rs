@@ -188,6 +188,13 @@ impl Slot {
     pub(crate) fn set_life(&self, life: Life) {
         self.life.store(life.0, Ordering::Relaxed);
     }
+
+    /// Sets the place as it is (tests: a slot another process scribbled on).
+    #[cfg(test)]
+    pub(crate) fn set_place(&self, off: u64, len: u64) {
+        self.off.store(off, Ordering::Relaxed);
+        self.len.store(len, Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]

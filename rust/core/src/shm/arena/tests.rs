@@ -62,6 +62,25 @@ fn a_slot_index_out_of_range_panics_in_release_too() {
 }
 
 #[test]
+fn a_header_whose_slot_count_overflows_the_layout_is_refused() {
+    // Found by fuzzing (tests/fuzz_arena.rs): 2^60 slots wrap the layout's arithmetic around
+    // to the data offset of one slot, so a header claiming them passed `open`, and the first
+    // walk over the slots (`stats`) read far outside the mapping.
+    let arena = Arena::create(PAGE, 1).unwrap();
+    let wrapped = 1u64 << 60;
+    // SAFETY: the header's `nslots` field, written once here as a damaged peer would; no
+    // other thread uses this arena.
+    unsafe { (*arena.header_ptr()).nslots = wrapped };
+    let err = Arena::open(arena.fd().try_clone_to_owned().unwrap()).err();
+    assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::InvalidData));
+    assert_eq!(Arena::layout(1 << 60), None);
+    assert_eq!(Arena::layout(usize::MAX / 16), None);
+    // SAFETY: as above.
+    unsafe { (*arena.header_ptr()).nslots = 1 };
+    assert!(Arena::open(arena.fd().try_clone_to_owned().unwrap()).is_ok());
+}
+
+#[test]
 fn tags_are_unique_across_every_mapping_and_never_the_creators() {
     let arena = Arena::create(4 * PAGE, 4).unwrap();
     let other = Arena::open(arena.fd().try_clone_to_owned().unwrap()).unwrap();
@@ -109,6 +128,38 @@ fn descriptors_are_checked() {
     ] {
         assert!(arena.check(&bad).is_err(), "{bad:?}");
     }
+}
+
+#[test]
+fn a_damaged_slot_lets_no_descriptor_outside_the_data_area() {
+    // Found by fuzzing (tests/fuzz_arena.rs): a slot whose place another process overwrote
+    // (here a block of 32 pages in an arena of 4) passed descriptors reaching past the data
+    // area, which a `Block` would then have exported as its buffer.
+    let arena = Arena::create(4 * PAGE, 4).unwrap();
+    let d = arena.alloc(PAGE, 1).unwrap();
+    let slot = arena.slot(d.slot as usize);
+    let past = Desc {
+        len: 4 * PAGE as u64 + 1,
+        ..d
+    };
+    for (off, len) in [
+        (0, 32 * PAGE as u64),
+        (u64::MAX - 10, 20),
+        (8 * PAGE as u64, 1),
+    ] {
+        slot.set_place(off, len);
+        let desc = Desc { start: off, ..past };
+        for desc in [desc, past] {
+            assert!(
+                arena.check(&desc).is_err(),
+                "{desc:?} passed with a place of {off}+{len}"
+            );
+            assert!(arena.adopt(&desc, true).is_err());
+        }
+    }
+    slot.set_place(d.start, d.len);
+    assert!(arena.check(&d).is_ok());
+    assert!(arena.decref(&d));
 }
 
 #[test]
