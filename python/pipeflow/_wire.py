@@ -157,8 +157,12 @@ def recv_message(ring: Ring, timeout: float | None = None, parts: list[bytes] | 
     parts = [] if parts is None else parts
     while True:
         frame = ring.pop(timeout)
+        lead = frame[:1]
+        if lead != _MORE and lead != _LAST:  # not made by send_bytes: the message is lost
+            parts.clear()
+            raise ValueError(f"a frame that is no part of a pipeflow message (led by {lead!r})")
         parts.append(frame[1:])
-        if frame[:1] == _LAST:
+        if lead == _LAST:
             data = b"".join(parts)
             parts.clear()
             return pickle.loads(data)

@@ -186,6 +186,10 @@ def main(argv: list[str]) -> int:
                 )
                 outbox.send(failure(e))
                 continue
+            if type(message) not in (Setup, Work):  # whole, but no request: say so, go on
+                error = TypeError(f"pipeflow: a worker got a {type(message).__name__}, no request")
+                outbox.send(failure(error))
+                continue
             if type(message) is Setup:  # the first request, and again for a warm worker reused
                 at[0] = LOADING  # read: the parent's start-up timeout stops counting
                 _output.apply_levels(message.logging)
