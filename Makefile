@@ -8,7 +8,7 @@ DOCS   := $(VENV)/.docs-installed
 PIP    := $(PY) -m pip --disable-pip-version-check
 
 .PHONY: demo test test-rust test-loom test-python lint build docs docs-build bench bench-build \
-	bench-smoke clean
+	bench-smoke soak clean
 
 # The virtual environment with maturin; re-made when the dependency list changes.
 $(STAMP): pyproject.toml
@@ -79,6 +79,16 @@ docs: $(DOCS)
 # cannot read), so that they cannot rot; a few seconds.
 docs-build: $(DOCS)
 	$(VENV)/bin/mkdocs build --strict --quiet
+
+# The long runs of the suite's trials (docs/fuzzing.md). Fuzzing: the shared-memory ring's header
+# and frames, the arena's header, slots and descriptors (proptest, SOAK_CASES cases per property
+# instead of a few thousand), then the wire and the arena from Python (hypothesis, 100 times the
+# examples of make test). Each prints its count of executions.
+SOAK_CASES ?= 500000
+
+soak: build
+	PROPTEST_CASES=$(SOAK_CASES) cargo test -p pipeflow-core --release --test fuzz_ring --test fuzz_arena -- --nocapture
+	HYPOTHESIS_PROFILE=soak $(PY) -m pytest -q -s -p no:cacheprovider --timeout=3600 tests/test_fuzz_wire.py
 
 # Benchmarks: pytest-benchmark suites, then the side-by-side comparison with the peers.
 BENCHES := compare transport processes w2check memory faults startup arrays
