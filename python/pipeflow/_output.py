@@ -17,9 +17,11 @@ gets a handler that sends every record reaching it as a ``_wire.Log``: its messa
 their ``repr``. The worker's loggers take the parent's levels, sent in each ``Setup``
 (:func:`log_levels`, :func:`apply_levels`), so that a record the parent would drop is not even
 made. ``sys.stdout`` and ``sys.stderr`` become streams (:class:`_Stream`) that keep what is
-written, in order across both, and send it as one ``_wire.Output`` at each end of a line (``\\n``
-or ``\\r``), at ``flush()`` (the parent's stream is flushed too), past ``MAX_TEXT`` characters,
-before any other message (a log record, a batch's reply) and when the worker stops. So a printed
+written, in order across both, each thread's line apart (a ``print`` is several writes: another
+thread's cannot cut its line), and send it as one ``_wire.Output`` at the end of a thread's line
+(``\\n`` or ``\\r``), at ``flush()`` (the parent's stream is flushed too), past ``MAX_TEXT``
+characters kept, before a log record (that thread's text), before a reply of the main loop (every
+thread's: at the latest, a batch's text goes when it ends) and when the worker stops. So a printed
 line is in the ring before the next statement of the stage runs, and a worker that dies later
 loses none of it: the parent drains a dead worker's ring before reporting the crash. Nothing runs
 per item: the hooks are a handler and two stream objects. Text written to fds 1 and 2 directly
@@ -72,8 +74,11 @@ class Outbox:
         # Re-entrant: a signal handler that prints while this thread sends must not deadlock
         # (what it sends waits in _later, for the send in progress to finish).
         self._lock = threading.RLock()
-        self._text: list[tuple[int, str]] = []  # written, not sent yet, in order
-        self._size = 0  # characters in _text
+        self._text: list[tuple[int, str]] = []  # whole lines (and more) to send, in order
+        # Each thread's text since its last end of line: a print of several pieces from one
+        # thread is not cut by another thread's (each is a write of its own).
+        self._lines: dict[int, list[tuple[int, str]]] = {}
+        self._size = 0  # characters kept in both
         self._later: list[bytes] = []
         self._sending = False
         self._written: set[int] = set()  # streams written to since their last flush()
@@ -83,10 +88,14 @@ class Outbox:
         ring (it is stopping this worker)."""
         self.send_bytes(pickle.dumps(message, protocol=5))
 
-    def send_bytes(self, data: bytes | None, flush: int | None = None) -> None:
+    def send_bytes(
+        self, data: bytes | None, flush: int | None = None, everyone: bool = True
+    ) -> None:
         """Sends the text written so far, then ``data`` (a pickled message) if any. ``flush``:
-        the stream whose ``flush()`` asked for it (the parent flushes its own)."""
+        the stream whose ``flush()`` asked for it (the parent flushes its own). ``everyone``:
+        every thread's unfinished line too (else this thread's only: a log record)."""
         with self._lock:
+            self._take_lines(everyone)
             if self._sending:  # re-entered by this thread: the send in progress takes it
                 if data is not None:
                     self._later.append(data)
@@ -100,8 +109,19 @@ class Outbox:
             finally:
                 self._sending = False
 
+    def _take_lines(self, everyone: bool) -> None:
+        """Moves this thread's unfinished line (``everyone``: every thread's) to the text to
+        send."""
+        if everyone:
+            for line in self._lines.values():
+                self._text.extend(line)
+            self._lines.clear()
+        else:
+            self._text.extend(self._lines.pop(threading.get_ident(), ()))
+
     def _send_text(self, flush: int | None) -> None:
-        text, self._text, self._size = self._text, [], 0
+        text, self._text = self._text, []
+        self._size = sum(len(chunk) for line in self._lines.values() for _, chunk in line)
         parts: list[tuple[int, str]] = []
         for stream, chunk in text:  # runs of one stream joined
             if parts and parts[-1][0] == stream:
@@ -121,19 +141,24 @@ class Outbox:
             send_bytes(self.ring, pickle.dumps(message, protocol=5))
 
     def write(self, stream: int, text: str) -> None:
-        """Keeps ``text`` of ``stream``; sends what is kept at an end of line."""
+        """Keeps ``text`` of ``stream``; sends this thread's line at its end (and everything
+        kept past ``MAX_TEXT``)."""
         with self._lock:
-            self._text.append((stream, text))
+            self._lines.setdefault(threading.get_ident(), []).append((stream, text))
             self._size += len(text)
-            if "\n" not in text and "\r" not in text and self._size < MAX_TEXT:
+            if self._size >= MAX_TEXT:
+                everyone = True
+            elif "\n" in text or "\r" in text:
+                everyone = False
+            else:
                 return
-        self.flush()
+        self.flush(None, everyone)
 
-    def flush(self, stream: int | None = None) -> None:
+    def flush(self, stream: int | None = None, everyone: bool = True) -> None:
         """Sends the text kept, unless the parent stopped listening (stage code's prints
         must not raise because of that: the worker is being stopped)."""
         with contextlib.suppress(ChannelClosed, OSError):
-            self.send_bytes(None, stream)
+            self.send_bytes(None, stream, everyone)
 
 
 class _Stream(io.TextIOBase):
@@ -229,7 +254,7 @@ class _Forward(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             data = _pickled(record)
-            self.outbox.send_bytes(data)
+            self.outbox.send_bytes(data, everyone=False)  # after this thread's text
         except (ChannelClosed, OSError):
             pass  # the parent stopped listening: this worker is being stopped
         except Exception:
