@@ -52,6 +52,7 @@ from ._shm import set_arena_size as set_arena_size
 from ._state import worker_state as worker_state
 
 if _typing.TYPE_CHECKING:
+    from ._dask import DaskBackend as DaskBackend
     from ._results import Results as Results
     from .pipeline import Pipeline as Pipeline
     from .pipeline import StageOptions as StageOptions
@@ -61,6 +62,7 @@ __all__ = [
     "Channel",
     "ChannelClosed",
     "Context",
+    "DaskBackend",
     "DeadlineExceeded",
     "Group",
     "ItemTimeout",
@@ -88,6 +90,8 @@ def __getattr__(name: str) -> _typing.Any:
         from . import pipeline as module
     elif name == "Results":
         from . import _results as module  # type: ignore[no-redef]
+    elif name == "DaskBackend":
+        from . import _dask as module  # type: ignore[no-redef]
     else:
         raise AttributeError(f"module 'pipeflow' has no attribute {name!r}")
     value = getattr(module, name)

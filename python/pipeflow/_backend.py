@@ -57,6 +57,8 @@ class Backend(Protocol):
 
 
 _registry: dict[str, Callable[[], Backend]] = {}
+# Backends registered by their module, imported when a run first names one: name -> module.
+_lazy: dict[str, str] = {"dask": "pipeflow._dask"}
 
 
 def register(name: str, factory: Callable[[], Backend]) -> None:
@@ -65,7 +67,16 @@ def register(name: str, factory: Callable[[], Backend]) -> None:
 
 
 def names() -> list[str]:
-    return sorted(_registry)
+    return sorted({*_registry, *_lazy})
+
+
+def _factory(name: str) -> Callable[[], Backend] | None:
+    """The registered factory of ``name``, importing its module first if it registers lazily."""
+    if name not in _registry and name in _lazy:
+        import importlib
+
+        importlib.import_module(_lazy[name])  # it registers itself
+    return _registry.get(name)
 
 
 def resolve(backend: str | Backend | None) -> Backend:
@@ -73,12 +84,12 @@ def resolve(backend: str | Backend | None) -> Backend:
     (``PIPEFLOW_BACKEND`` if set, else ``"local"``)."""
     if backend is None:
         backend = os.environ.get("PIPEFLOW_BACKEND") or "local"
-        if backend not in _registry:
+        if backend not in names():
             raise ValueError(
                 f"PIPEFLOW_BACKEND={backend!r} names no backend; set it to one of {names()}"
             )
     if isinstance(backend, str):
-        factory = _registry.get(backend)
+        factory = _factory(backend)
         if factory is None:
             raise ValueError(
                 f"backend must be one of {names()} or a backend object, got {backend!r}"
