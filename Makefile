@@ -91,7 +91,7 @@ soak: build
 	HYPOTHESIS_PROFILE=soak $(PY) -m pytest -q -s -p no:cacheprovider --timeout=3600 tests/test_fuzz_wire.py
 
 # Benchmarks: pytest-benchmark suites, then the side-by-side comparison with the peers.
-BENCHES := compare transport processes w2check memory faults startup arrays
+BENCHES := compare transport processes w2check memory faults startup arrays dask_bench
 
 # The extension with the peers of the comparison (the `bench` extra) beside the dev tools.
 bench-build: $(STAMP)

@@ -116,7 +116,8 @@ class DaskCluster:
             sys.exit(0)
         from distributed import LocalCluster
         cluster = LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+            scheduler_kwargs={"dashboard_address": ":0"},
         )
         with open(sys.argv[1] + ".part", "w") as f:
             f.write(cluster.scheduler_address)
@@ -175,10 +176,19 @@ class DaskCluster:
 
 @pytest.fixture(scope="session")
 def dask_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaskCluster]:
-    """The session's Dask test cluster (started at first use). Importing ``distributed`` here,
-    before any test's leak check counts, lets the threads its imports start (numpy's) count as
-    already there."""
-    pytest.importorskip("distributed")
+    """The session's Dask test cluster (started at first use). Set up before any test's leak
+    check counts: what Dask and numpy start once per process and keep is made here (numpy's BLAS
+    threads at its import, Dask's offload thread at its first use, and the resource tracker
+    that ``multiprocessing`` starts for the first ``LocalCluster`` a test makes in this process),
+    as the fork server is started first for the same reason."""
+    distributed = pytest.importorskip("distributed")
+    import multiprocessing.resource_tracker as tracker
+
+    import numpy  # noqa: F401
+
+    distributed.utils._offload_executor.submit(int).result()
+    tracker.ensure_running()
+    _services.append(tracker._resource_tracker._pid)  # type: ignore[attr-defined]
     cluster = DaskCluster(tmp_path_factory.mktemp("dask"))
     yield cluster
     cluster.close()

@@ -215,6 +215,9 @@ class DaskBackend:
             threads_per_worker=1,
             processes=True,
             dashboard_address=dashboard,
+            # Without a dashboard the scheduler still serves HTTP (health, metrics): on a port
+            # of its own, not 8787 (which another cluster may hold: a warning, then another).
+            scheduler_kwargs={} if dashboard is not None else {"dashboard_address": ":0"},
         )
         try:
             client = distributed.Client(cluster, set_as_default=False)
