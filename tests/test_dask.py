@@ -26,10 +26,10 @@ import pytest
 
 distributed = pytest.importorskip("distributed")
 
+from conftest import DaskCluster, scheduler_tasks, wait_until  # noqa: E402
+
 import pipeflow as pf  # noqa: E402
 from pipeflow import _dask_tasks, _sizing  # noqa: E402
-
-from conftest import DaskCluster, scheduler_tasks, wait_until  # noqa: E402
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def test_a_stages_workers_bound_its_tasks_running_at_once(backend: pf.DaskBacken
     spans = sorted(out)
     assert all(end <= nxt_start for (_, end), (nxt_start, _) in itertools.pairwise(spans))
     two = pf.Pipeline().stage(_interval, workers=2).run([0.2] * 4, backend=backend)
-    (s0, e0), (s1, e1), *_ = sorted(two)
+    (_, e0), (s1, _), *_ = sorted(two)
     assert s1 < e0  # and with two, both Dask workers run at once
 
 
@@ -248,7 +248,7 @@ def test_a_run_timeout_and_a_context_stop_the_run(backend: pf.DaskBackend) -> No
 
 
 def test_a_stage_timeout_names_the_item(backend: pf.DaskBackend) -> None:
-    with pytest.raises(pf.ItemTimeout, match="timeout=0.2") as info:
+    with pytest.raises(pf.ItemTimeout, match=r"timeout=0\.2") as info:
         pf.Pipeline().stage(time.sleep, timeout=0.2).run([0.0, 2.0], backend=backend)
     assert "input item 1: 2.0" in info.value.__notes__[-1]
     time.sleep(2.0)  # the item's thread finishes on the worker
@@ -323,11 +323,11 @@ def test_an_unreachable_scheduler_fails_at_once_naming_it() -> None:
 def test_bad_arguments_say_what_to_do() -> None:
     with pytest.raises(TypeError, match="client or an address"):
         pf.DaskBackend(client=object(), address="tcp://x:1")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="distributed.Client"):
+    with pytest.raises(TypeError, match=r"distributed\.Client"):
         pf.DaskBackend(client=object())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="n_workers"):
         pf.DaskBackend(n_workers=0)
-    with pytest.raises(ValueError, match="one of .*'dask'"):
+    with pytest.raises(ValueError, match=r"one of .*'dask'"):
         pf.Pipeline().stage(inc).run([1], backend="dusk")
 
 
