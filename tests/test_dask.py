@@ -23,10 +23,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 distributed = pytest.importorskip("distributed")
 
 from conftest import DaskCluster, scheduler_tasks, wait_until  # noqa: E402
+from test_properties import build, reference, step_strategy  # noqa: E402
 
 import pipeflow as pf  # noqa: E402
 from pipeflow import _dask_tasks, _sizing  # noqa: E402
@@ -103,6 +106,44 @@ def test_tiny_items_travel_thousands_to_a_task(backend: pf.DaskBackend, client: 
     assert out == list(range(1, 100_001))
     tasks = [t for t in stream.data if str(t["key"]).startswith("pipeflow-inc")]
     assert 3 <= len(tasks) <= 100  # not 100,000 (the first are single items: nothing is known)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    steps=st.lists(step_strategy, min_size=1, max_size=4),
+    data=st.data(),
+    items=st.lists(st.integers(-50, 50), max_size=120),
+)
+def test_random_ordered_pipelines_equal_the_sequential_reference(
+    backend: pf.DaskBackend, steps: list[tuple[str, Any]], data: st.DataObject, items: list[int]
+) -> None:
+    # test_properties.py's pipelines and reference, on Dask (ordered: the result is fixed).
+    n = len(steps)
+    workers = data.draw(st.lists(st.integers(1, 3), min_size=n, max_size=n))
+    capacities = data.draw(st.lists(st.integers(0, 3), min_size=n, max_size=n))
+    p = build(steps, workers, capacities, ordered=True)
+    assert p.run(items, backend=backend) == reference(steps, items)
+
+
+@settings(
+    max_examples=10,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    steps=st.lists(step_strategy, min_size=1, max_size=3),
+    items=st.lists(st.integers(), max_size=60),
+)
+def test_random_unordered_pipelines_give_every_item_once(
+    backend: pf.DaskBackend, steps: list[tuple[str, Any]], items: list[int]
+) -> None:
+    # Unordered batch steps group items as they arrive: undone, they give the reference back.
+    p = build(steps, [2] * len(steps), [1] * len(steps), ordered=False, flatten=True)
+    assert sorted(p.run(items, backend=backend)) == sorted(reference(steps, items, flatten=True))
 
 
 # ------------------------------------------------------------------ data stays on the cluster
