@@ -40,6 +40,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Generator
+from time import monotonic, perf_counter
 from typing import TYPE_CHECKING, Any
 
 from . import _runtime
@@ -54,7 +55,7 @@ from ._ordering import Reorderer, Window
 from ._plan import Plan
 from ._pool import default_pool
 from ._remote import rebuild
-from ._sizing import CHUNK_BYTES, MAX_CHUNK, Sizer, Traits
+from ._sizing import CHUNK_BYTES, MAX_CHUNK, QUEUE_SECONDS, Sizer, Traits
 from ._tasks import Tasks
 
 if TYPE_CHECKING:
@@ -67,6 +68,10 @@ __all__ = ["TRAITS", "DaskBackend"]
 TRAITS = Traits(batch_seconds=0.05, grows=True, one_by_one=False, times_items=True)
 SUPERVISE_EVERY = 0.1  # how often the caller checks the deadline and a stalled input
 WINDOW_BATCHES = 2  # the in-flight bound of a segment, in chunks per worker and queue slot
+# Tasks of a step in flight per lane: one running, and one queued behind it once the segment's
+# items are known to be quick (``Sizer.quick``: a queued task then waits 0.1 s at most, as a
+# batch queued in a local worker process does); else one.
+LANE_DEPTH = 2
 ABANDON_GRACE = 0.1  # after Ctrl-C or a deadline, how long to wait for the feeder
 
 
@@ -307,7 +312,7 @@ class _Chunk:
         self.number = number
         self.keys = batch.keys
         self.count = len(batch)
-        self.source: Any = (batch.keys, batch.values, ())  # step 0's argument, or its future
+        self.source: Any = Chunk(batch.keys, batch.values)  # step 0's argument, or its future
         self.at = -1  # the position in the segment's steps of its latest task
         self.future: Future | None = None  # that task's
         self.done = False  # has that task finished?
@@ -379,6 +384,10 @@ class _DaskRun:
         self.segments = [_Segment(self, k) for k in range(plan.segments)]
         self.pending = [0] * len(plan.steps)  # per step: its tasks submitted, not finished
         self.tasks_submitted = [0] * len(plan.steps)
+        # Per step, ``workers`` lanes: each a chain of its pending tasks (see _submit).
+        self.lanes: list[list[list[Future]]] = [[[] for _ in range(s.workers)] for s in plan.steps]
+        self.lane_of: dict[str, int] = {}  # pending task's key -> its lane
+        self.submitted_at: dict[str, float] = {}  # pending task's key -> when
         self.futures: dict[str, tuple[Future, _Chunk, int]] = {}  # key -> (future, chunk, pos)
         self.finished: list[tuple[Future, _Chunk]] = []  # segment ends to gather
         self.results: list[Any] = []  # released by the last segment, not yet yielded
@@ -496,9 +505,7 @@ class _DaskRun:
         steps, functions = self._job_parts
         seconds_left = None
         if self.ctx.deadline is not None:
-            import time
-
-            seconds_left = max(0.0, self.ctx.deadline - time.monotonic())
+            seconds_left = max(0.0, self.ctx.deadline - monotonic())
         job = Job(
             self.run_id,
             steps,
@@ -552,29 +559,51 @@ class _DaskRun:
         """Whether the step at ``position`` of ``segment`` may take one more chunk."""
         index = segment.steps[position]
         step = self.plan.steps[index]
-        if self.pending[index] >= step.workers:
+        if self._lane(segment, index, position) is None:
             return False
         if position + 1 < len(segment.steps):
             after = self.plan.steps[segment.steps[position + 1]]
-            return len(segment.waiting[position]) < step.workers + max(1, after.capacity)
+            bound = LANE_DEPTH * step.workers + max(1, after.capacity)
+            return len(segment.waiting[position]) < bound
         return True
+
+    def _lane(self, segment: _Segment, index: int, position: int) -> int | None:
+        """The lane of step ``index`` the next task goes to: an idle one; else, for quick
+        items, the one whose task was submitted last, if that was under ``QUEUE_SECONDS`` ago
+        (not behind a task that turns out slow); None: the step has no room. Only a segment's
+        first step queues tasks in its lanes: its tasks take their items from the client, so
+        waiting for the one before (whose result Dask then keeps where it is) moves no data;
+        a later step's task is already queued behind its chunk's previous step."""
+        lanes = self.lanes[index]
+        idle = next((k for k, lane in enumerate(lanes) if not lane), None)
+        quick = segment.sizer is not None and segment.sizer.quick()
+        if idle is not None or position > 0 or not quick:
+            return idle
+        now = perf_counter()
+        best, newest = None, now - QUEUE_SECONDS
+        for k, lane in enumerate(lanes):
+            if len(lane) < LANE_DEPTH:
+                since = self.submitted_at[lane[-1].key]
+                if since > newest:
+                    best, newest = k, since
+        return best
 
     def _advance(self, segment: _Segment) -> None:
         """Moves the segment's chunks on to their next step, then takes new ones in."""
         for position in range(len(segment.steps) - 2, -1, -1):
             waiting = segment.waiting[position]
-            while waiting and self._room(segment, position + 1):
+            while waiting and self._room(segment, position + 1) and not self._stopped:
                 chunk = next((c for c in waiting if c.done), waiting[0])
                 waiting.remove(chunk)
                 self._submit(segment, chunk, position + 1)
-        while True:
+        while not self._stopped:
             batch = self._take(segment)
             if batch is None:
                 return
             chunk = _Chunk(segment.index, next(self._numbers), batch)
             segment.in_flight += 1
             if not segment.steps:
-                self._arrived(segment, chunk, (batch.keys, batch.values, ()))
+                self._arrived(segment, chunk, Chunk(batch.keys, batch.values))
                 continue
             self._submit(segment, chunk, 0)
 
@@ -619,9 +648,25 @@ class _DaskRun:
                 assert chunk.future is not None
                 del self.futures[chunk.future.key]
         key = f"pipeflow-{_key_name(step.name)}-{index}-{self.run_id}-{chunk.number}"
-        future = self.client.submit(
-            run_step, self.job, index, argument, key=key, pure=False, priority=index
-        )
+        # A lane is one of the step's ``workers``: its next task waits for the one before it
+        # (given as an argument it ignores), on the scheduler, so that a Dask worker done with
+        # one starts the next at once, without a round trip to the client; and no more than
+        # ``workers`` of the step's tasks ever run at once.
+        lanes = self.lanes[index]
+        lane = self._lane(segment, index, position)
+        assert lane is not None  # _room said so
+        before = lanes[lane][-1:]
+        try:
+            future = self.client.submit(
+                run_step, self.job, index, argument, *before, key=key, pure=False, priority=index
+            )
+        except Exception as e:  # the items do not pickle (Dask serializes them here)
+            where = self.plan.where(index, "dask", chunk.first_key())
+            self._fail(e, f"{where} (its task's items could not be pickled to send to Dask)")
+            return
+        lanes[lane].append(future)
+        self.lane_of[key] = lane
+        self.submitted_at[key] = perf_counter()
         self.futures[key] = (future, chunk, position)
         self.pending[index] += 1
         self.tasks_submitted[index] += 1
@@ -642,10 +687,14 @@ class _DaskRun:
             segment = self.segments[chunk.segment]
             index = segment.steps[position]
             self.pending[index] -= 1
+            self.submitted_at.pop(future.key, None)
+            lane = self.lane_of.pop(future.key, None)
+            if lane is not None:
+                self.lanes[index][lane].remove(future)
             if future.status != "finished":
                 self._failed(future, chunk, index)
                 return
-            if position == 0 and not isinstance(chunk.source, tuple):
+            if position == 0 and not isinstance(chunk.source, Chunk):
                 chunk.source = None  # a scattered input: released once step 0 has it
             if chunk.future is future:
                 chunk.done = True
@@ -662,19 +711,27 @@ class _DaskRun:
         finished, self.finished = self.finished, []
         try:
             chunks = self.client.gather([f for f, _ in finished])
-        except Exception:  # lost meanwhile, and failed when recomputed: say which
+        except Exception as e:  # say which (one at a time): lost, or its result cannot travel
             for future, chunk in finished:
+                index = self.segments[chunk.segment].steps[-1]
                 if future.status != "finished":
-                    self._failed(future, chunk, self.segments[chunk.segment].steps[-1])
+                    self._failed(future, chunk, index)
                     return
-            raise
+                try:
+                    future.result()
+                except Exception as error:
+                    where = self.plan.where(index, "dask", chunk.first_key())
+                    self._fail(error, f"{where} (its task's results could not come back)")
+                    return
+            self._fail(e, "the Dask backend's client (gathering results)")
+            return
         for (future, chunk), data in zip(finished, chunks, strict=True):
             del self.futures[future.key]
             self._arrived(self.segments[chunk.segment], chunk, data)
 
     def _arrived(self, segment: _Segment, chunk: _Chunk, data: Chunk) -> None:
         """A chunk done with its segment: measured, reordered, grouped or released."""
-        keys, values, stats = data
+        keys, values, stats = data.keys, data.values, data.stats
         segment.in_flight -= 1
         if segment.sizer is not None and stats:
             seconds = max(s[1] for s in stats)
@@ -734,10 +791,10 @@ class _DaskRun:
             self.futures[future.key] = (future, _Chunk(segment.index, -1, Batch(0, [])), 0)
         self.client.gather(futures, errors="skip")
         for i, future in zip(unstarted, futures, strict=True):
-            del self.futures[future.key]
             if future.status != "finished":
                 self._failed(future, None, i)
-                return
+                return  # the futures are cancelled with the rest
+            del self.futures[future.key]
 
     # ----------------------------------------------------------------- errors
 
@@ -752,11 +809,16 @@ class _DaskRun:
             return
         where = self.plan.where(index, "dask", key)
         if isinstance(error, self.distributed.KilledWorker):
-            what = "its task"
+            entry = self.futures.get(error.task)  # the task that died (its lane's next failed)
+            if entry is not None:
+                _, chunk, position = entry
+                index = self.segments[chunk.segment].steps[position]
+                where = self.plan.where(index, "dask", chunk.first_key() if chunk.count else None)
+            what = ""
             if chunk is not None and chunk.count > 1:
-                what = f"its task (the first of the {chunk.count} items in it)"
+                what = f" (the first of the {chunk.count} items of its task)"
             crash = WorkerCrashed(
-                f"Dask workers died while running {where}, {what}: Dask ran the task on "
+                f"Dask workers died while running {where}{what}: Dask ran the task on "
                 f"{error.allowed_failures + 1} workers, and each died (the cluster's "
                 "distributed.scheduler.allowed-failures is "
                 f"{error.allowed_failures}); a segmentation fault or excessive memory use "
@@ -801,12 +863,21 @@ class _DaskRun:
 
     def _release_cluster(self) -> None:
         """Cancels the run's futures and drops every reference to them: Dask forgets a task
-        once no client holds its future (a finished one, only then)."""
-        futures = [f for f, _, _ in self.futures.values()]
-        if self.job is not None:
-            futures.append(self.job)
+        once no client holds its future (a finished one, only then).
+
+        One future at a time, the most downstream first (later steps, then later chunks):
+        Dask's cancel also cancels a task's dependents, and asserts that each is wanted by a
+        client, which a task this run dropped (its chunk moved on) is not; cancelled from the
+        leaves up, such a task is forgotten before the one it depends on is cancelled. The job
+        is dropped, not cancelled: it is data every task depends on."""
+        held = sorted(self.futures.values(), key=lambda e: (e[2], e[1].number), reverse=True)
+        futures = [f for f, _, _ in held]
+        del held
         self.futures.clear()
         self.finished.clear()
+        self.lanes = [[[] for _ in lanes] for lanes in self.lanes]
+        self.lane_of.clear()
+        self.submitted_at.clear()
         for segment in self.segments:
             segment.waiting = [[] for _ in segment.steps]
         self.ac.clear()
@@ -815,8 +886,8 @@ class _DaskRun:
         if client.status != "running":
             return
         try:
-            if futures:
-                client.cancel(futures, force=True)
+            for future in futures:
+                client.cancel([future], reason="the pipeflow run stopped")
             del futures
             if job is not None:
                 del job

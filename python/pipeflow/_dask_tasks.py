@@ -8,10 +8,11 @@ and what was left of its deadline. Each task is :func:`run_step` ``(job, index, 
 its result a chunk again, which stays on the worker where it was made until the next step's
 task (given this task's future as its argument) or the client asks for it.
 
-A *chunk* is a tuple ``(keys, values, stats)``: ``keys`` and ``values`` as in ``_batch.Batch``
-(an int for a run of keys, else a list; ``SKIP`` for a value filtered out), and ``stats``, one
-``(step, seconds, items, nbytes)`` per step run on it so far: what the client's batch sizing
-(``_sizing``) measures, which reaches the client with the segment's results.
+A :class:`Chunk` holds ``keys``, ``values`` and ``stats``: ``keys`` and ``values`` as in
+``_batch.Batch`` (an int for a run of keys, else a list; ``SKIP`` for a value filtered out),
+and ``stats``, one ``(step, seconds, items, nbytes)`` per step run on it so far: what the
+client's batch sizing (``_sizing``) measures, which reaches the client with the segment's
+results.
 
 Per worker process and run, a :class:`_WorkerRun` holds the loaded functions, each step's
 ``init`` value (made once per process, under a lock: a Dask worker may run tasks in several
@@ -52,8 +53,35 @@ __all__ = [
     "worker_runs",
 ]
 
-# (keys, values, stats): see the module's doc.
-Chunk = tuple[Any, list[Any], tuple[tuple[int, float, int, int], ...]]
+Stats = tuple[tuple[int, float, int, int], ...]
+
+
+class Chunk:
+    """Items on their way through a segment's steps (see the module's doc). An object, not a
+    tuple: Dask walks every element of a task's tuple and list arguments looking for futures
+    (at 8192 items a chunk, most of the client's time), and treats an object as one value."""
+
+    __slots__ = ("keys", "stats", "values")
+
+    def __init__(self, keys: Any, values: list[Any], stats: Stats = ()) -> None:
+        self.keys = keys
+        self.values = values
+        self.stats = stats
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Chunk, (self.keys, self.values, self.stats))
+
+
+def _register_sizeof() -> None:
+    """Dask's estimate of a chunk's size (for its memory accounting): its values'."""
+    try:
+        from dask.sizeof import sizeof
+    except ImportError:  # pragma: no cover - the Dask backend needs dask
+        return
+    sizeof.register(Chunk)(lambda chunk: sizeof(chunk.values))
+
+
+_register_sizeof()
 ENDED_KEPT = 256  # runs ended on this worker that are still recognised (a late task stops)
 
 
@@ -211,12 +239,14 @@ def _enter(run: _WorkerRun, index: int) -> None:
     _state.load((lambda: value) if init is not None else None)
 
 
-def run_step(job: Job, index: int, chunk: Chunk) -> Chunk:
-    """Step ``index`` of ``job`` over one chunk: the task every step's work is made of."""
+def run_step(job: Job, index: int, chunk: Chunk, before: Any = None) -> Chunk:
+    """Step ``index`` of ``job`` over one chunk: the task every step's work is made of.
+    ``before`` is the result of the task before it in its lane, if that one was still running
+    when this one was submitted: this task only waits for it (see ``_dask._DaskRun._submit``)."""
     run = _worker_run(job)
     step = job.steps[index]
-    keys, values, stats = chunk
-    batch = Batch(keys, values)
+    values = chunk.values
+    batch = Batch(chunk.keys, values)
     slot = Slot()
     slot.batch = batch
     task_vars = contextvars.copy_context()  # what stage code sets stays in this task
@@ -239,7 +269,8 @@ def run_step(job: Job, index: int, chunk: Chunk) -> Chunk:
     if failed is not None:
         raise failed
     seconds = perf_counter() - t0
-    return out.keys, out.values, (*stats, (index, seconds, len(values), _sizeof(out.values)))
+    stats = (*chunk.stats, (index, seconds, len(values), _sizeof(out.values)))
+    return Chunk(out.keys, out.values, stats)
 
 
 def load_step(job: Job, index: int) -> None:
