@@ -36,9 +36,10 @@ from pipeflow import _dask_tasks, _sizing  # noqa: E402
 
 
 @pytest.fixture
-def client(dask_cluster: DaskCluster) -> Iterator[Any]:
+def client(dask_cluster: DaskCluster | None) -> Iterator[Any]:
     """A client of the session's cluster; after the test, the scheduler holds no task and the
     workers no state of any run."""
+    assert dask_cluster is not None  # distributed imports (see importorskip above)
     client = dask_cluster.client()
     try:
         yield client
