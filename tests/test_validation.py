@@ -74,7 +74,11 @@ def test_non_iterable_items() -> None:
         ({"timeout": -1}, ValueError, "timeout must be seconds > 0"),
         ({"timeout": "5"}, TypeError, "timeout must be a number of seconds"),
         ({"context": "ctx"}, TypeError, "context must be a pipeflow.Context"),
-        ({"backend": "nowhere"}, ValueError, r"backend must be one of \['local', 'serial'\]"),
+        (
+            {"backend": "nowhere"},
+            ValueError,
+            r"backend must be one of \[('dask', )?'local', 'serial'\]",
+        ),
         ({"backend": 3}, TypeError, "an object with a stream"),
         ({"progress": "yes"}, TypeError, "progress must be True or False"),
     ],
