@@ -32,7 +32,7 @@ from conftest import DaskCluster, scheduler_tasks, wait_until  # noqa: E402
 from test_properties import build, reference, step_strategy  # noqa: E402
 
 import pipeflow as pf  # noqa: E402
-from pipeflow import _dask_tasks, _sizing  # noqa: E402
+from pipeflow import _dask_chunks, _dask_tasks  # noqa: E402
 
 
 @pytest.fixture
@@ -79,10 +79,10 @@ def test_a_10m_item_generator_is_read_as_the_cluster_keeps_up(backend: pf.DaskBa
     time.sleep(0.3)  # room for anything that would run ahead
     ahead = read[0]
     results.close()
-    # The window (2 chunks per worker and queue slot, of at most MAX_CHUNK items), the chunk
+    # The window (2 chunks per worker and queue slot, of at most MAX_ITEMS items), the chunk
     # the feeder fills and the one in its channel: nowhere near the 10M.
     slots = 2 + 4
-    assert ahead - 50_000 <= (2 * slots + 4) * _sizing.MAX_CHUNK
+    assert ahead - 50_000 <= (2 * slots + 4) * _dask_chunks.MAX_ITEMS
 
 
 def _interval(x: float) -> tuple[float, float]:

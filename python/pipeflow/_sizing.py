@@ -38,6 +38,7 @@ class Traits(NamedTuple):
     grows: bool  # may a first step's batches grow with a long run over a known length?
     one_by_one: bool  # one item a batch (a worker process timed per batch)
     times_items: bool  # does the runner enforce the step's per-item timeout itself?
+    max_items: int = MAX_CHUNK  # the most items in one of its batches
 
 
 class Sizer:
@@ -60,7 +61,7 @@ class Sizer:
         ``TAIL_SECONDS`` of work) so that the workers finish together, as in guided
         scheduling: each takes at most a ``2 * workers``-th of what is left."""
         if self.step.op == "batch":
-            return MAX_CHUNK
+            return self.traits.max_items
         if self.traits.one_by_one:
             return 1
         spi = self.seconds_per_item
@@ -69,7 +70,7 @@ class Sizer:
         spi = max(spi, 1e-9)
         by_time = int(self.seconds() / spi)
         by_size = int(CHUNK_BYTES / max(self._bytes / self._items, 1e-9))
-        size = min(MAX_CHUNK, by_time, by_size)
+        size = min(self.traits.max_items, by_time, by_size)
         if remaining is not None and remaining > 0:
             share = -(-remaining // (2 * self.step.workers))
             size = min(size, max(share, int(TAIL_SECONDS / spi)))
