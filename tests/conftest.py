@@ -207,18 +207,6 @@ def scheduler_tasks(client: Any) -> list[str]:
 _NOT_ON_DASK = {
     "test_the_note_shows_a_short_repr_of_the_item": "a Dask worker is named by its address",
 }
-# On Dask, stage code's prints and log records stay with the Dask worker (its stdout and its
-# logging configuration, as for any Dask task): docs/dask.md, "What differs".
-_NOT_ON_DASK |= {
-    name: "prints and log records stay on the Dask worker (docs/dask.md)"
-    for name in (
-        "test_records_reach_the_callers_handlers_with_the_workers_pid_and_stage",
-        "test_prints_reach_a_callers_stdout_that_is_no_file",
-        "test_prints_and_records_of_a_worker_keep_their_order",
-        "test_a_flush_in_stage_code_flushes_the_callers_stream",
-        "test_prints_from_threads_of_stage_code_arrive_whole_and_in_order",
-    )
-}
 
 
 @pytest.fixture(params=WAYS)

@@ -421,3 +421,67 @@ def test_task_failed_pickles_small() -> None:
     again = pickle.loads(pickle.dumps(error))
     assert (again.step, again.key, again.shown, again.worker) == (1, 7, "7", "tcp://w:1")
     assert len(repr(again)) < 200
+
+
+# ------------------------------------------------------------------ prints and log records
+
+
+def _loud_init() -> int:
+    print("init ran")
+    return 0
+
+
+def _prints_then_fails(x: int) -> int:
+    print(f"item {x}")
+    if x == 3:
+        raise ValueError("three")
+    return x
+
+
+def _slow_print(x: int) -> int:
+    print(f"timed {x}")
+    return x
+
+
+def test_prints_reach_the_client_before_the_error_they_came_with(
+    backend: pf.DaskBackend, capsys: pytest.CaptureFixture[str]
+) -> None:
+    p = pf.Pipeline().stage(_prints_then_fails, workers=1, init=_loud_init)
+    with pytest.raises(ValueError, match="three"):
+        p.run(range(5), backend=backend)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "init ran"
+    assert "item 3" in out  # printed by the item that failed, in the task that failed
+    assert "item 4" not in out
+
+
+def test_prints_of_every_step_and_of_a_timed_item_reach_the_client(
+    backend: pf.DaskBackend, capsys: pytest.CaptureFixture[str]
+) -> None:
+    p = (
+        pf.Pipeline()
+        .stage(_slow_print, workers=2, timeout=30)  # each item in a thread of its own
+        .stage(_prints_then_fails, workers=2)
+        .filter(lambda x: False)
+        .stage(_slow_print, init=_loud_init, workers=1)  # no item reaches it: its init runs
+    )
+    assert p.run(range(3), backend=backend) == []
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(line for line in lines if line.startswith("timed")) == [
+        f"timed {x}" for x in range(3)
+    ]
+    assert sorted(line for line in lines if line.startswith("item")) == [
+        f"item {x}" for x in range(3)
+    ]
+    assert "init ran" in lines
+
+
+def test_a_dask_worker_keeps_what_is_printed_outside_pipeflow_tasks(client: Any) -> None:
+    out = pf.Pipeline().stage(_slow_print).run([1], backend=pf.DaskBackend(client))
+    assert out == [1]
+
+    def outside() -> str:
+        print("not ours")  # no pipeflow task runs: the worker's own stdout has it
+        return type(sys.stdout).__name__
+
+    assert set(client.run(outside).values()) == {"_Stream"}

@@ -42,12 +42,13 @@ from collections.abc import Generator
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
-from . import _runtime
+from . import _output, _runtime
 from ._backend import Progress, Source
 from ._batch import Batch
 from ._context import Context, _current
 from ._core import Channel
 from ._dask_chunks import LANE_DEPTH, Flight, Lanes, Segment, key_name, sizeof, until_stopped
+from ._dask_output import emit as emit_output
 from ._dask_tasks import Chunk, Job, TaskFailed, end_run, load_step, run_step
 from ._errors import ChannelClosed, WorkerCrashed
 from ._feeder import Feeder
@@ -225,6 +226,7 @@ class DaskRun:
             tuple(self.plan.may_skip),
             functions,
             seconds_left,
+            _output.log_levels(),
         )
         if self.plan.steps:
             # Once to every worker: each task takes it as an argument (a future), not a copy.
@@ -403,6 +405,12 @@ class DaskRun:
 
     # ----------------------------------------------------------------- errors
 
+    def output_label(self, index: int, worker: str) -> tuple[str, str]:
+        """The worker label and stage name that a record printed or logged by step
+        ``index``'s code on Dask ``worker`` carries (``_output.forward``)."""
+        name = self.plan.steps[index].name
+        return f"stage {index} ({name!r}, dask worker {worker})", name
+
     def _failed(self, future: Future, chunk: Flight | None, index: int) -> None:
         """Fails the run with the error of a task of step ``index`` over ``chunk``."""
         self._fail(*task_error(self, future, chunk, index))
@@ -416,6 +424,7 @@ def task_error(
     error = future.exception() if future.status == "error" else None
     key = chunk.first_key() if chunk is not None and chunk.count else None
     if isinstance(error, TaskFailed):
+        emit_output(error.output, run.output_label)
         worker = f"dask worker {error.worker}"
         where = run.plan.where(error.step, worker, error.key, error.shown)
         return rebuild(error.exported), where
@@ -466,6 +475,7 @@ def load_unstarted(run: DaskRun, segment: Segment) -> None:
         if future.status != "finished":
             run._failed(future, None, i)
             return  # the futures are cancelled with the rest
+        emit_output(future.result(), run.output_label)
         del run.futures[future.key]
 
 
@@ -537,6 +547,7 @@ def gather(run: DaskRun) -> None:
         return
     for (future, chunk), data in zip(finished, chunks, strict=True):
         del run.futures[future.key]
+        emit_output(data.output, run.output_label)
         run._arrived(run.segments[chunk.segment], chunk, data)
 
 

@@ -38,7 +38,11 @@ from . import _state
 from ._apply import apply_for, step_function
 from ._batch import Batch, Key, Slot
 from ._context import Context, _current
+from ._dask_output import Kept
+from ._dask_output import install as install_output
+from ._dask_output import kept as kept_output
 from ._errors import ItemTimeout
+from ._output import Levels
 from ._plan import Step
 from ._remote import export
 
@@ -61,15 +65,16 @@ class Chunk:
     tuple: Dask walks every element of a task's tuple and list arguments looking for futures
     (at 8192 items a chunk, most of the client's time), and treats an object as one value."""
 
-    __slots__ = ("keys", "stats", "values")
+    __slots__ = ("keys", "output", "stats", "values")
 
-    def __init__(self, keys: Any, values: list[Any], stats: Stats = ()) -> None:
+    def __init__(self, keys: Any, values: list[Any], stats: Stats = (), output: Kept = ()) -> None:
         self.keys = keys
         self.values = values
         self.stats = stats
+        self.output = output  # what stage code printed and logged (``_dask_output``)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Chunk, (self.keys, self.values, self.stats))
+        return (Chunk, (self.keys, self.values, self.stats, self.output))
 
 
 def _register_sizeof() -> None:
@@ -93,22 +98,30 @@ class Job(NamedTuple):
     may_skip: tuple[bool, ...]
     functions: bytes  # pickled list, per step: (function with its retries, init) or None
     seconds_left: float | None  # of the run's deadline, when the job was made
+    levels: Levels | None = None  # the client's logging levels (``_output.log_levels``)
 
 
 class TaskFailed(Exception):
     """A stage's exception on its way back to the client: ``step``, the item's ``key`` (None
     for an ``init``) and short repr, the exception exported with its frames, and the Dask
-    worker that ran it."""
+    worker that ran it; ``output``: what stage code printed and logged on the chunk until then."""
 
     def __init__(
-        self, step: int, key: Key | None, shown: str | None, exported: bytes, worker: str
+        self,
+        step: int,
+        key: Key | None,
+        shown: str | None,
+        exported: bytes,
+        worker: str,
+        output: Kept = (),
     ) -> None:
-        super().__init__(step, key, shown, exported, worker)
+        super().__init__(step, key, shown, exported, worker, output)
         self.step = step
         self.key = key
         self.shown = shown
         self.exported = exported
         self.worker = worker
+        self.output = output
 
     def __str__(self) -> str:
         at = "in its init" if self.key is None else f"on the item with key {self.key!r}"
@@ -227,8 +240,10 @@ def _worker_name() -> str:
         return "(not a Dask worker)"
 
 
-def _failed(index: int, key: Key | None, shown: str | None, error: BaseException) -> TaskFailed:
-    return TaskFailed(index, key, shown, export(error), _worker_name())
+def _failed(
+    index: int, key: Key | None, shown: str | None, error: BaseException, output: Kept = ()
+) -> TaskFailed:
+    return TaskFailed(index, key, shown, export(error), _worker_name(), output)
 
 
 def _enter(run: _WorkerRun, index: int) -> None:
@@ -250,40 +265,47 @@ def run_step(job: Job, index: int, chunk: Chunk, before: Any = None) -> Chunk:
     slot = Slot()
     slot.batch = batch
     task_vars = contextvars.copy_context()  # what stage code sets stays in this task
-    failed = None
-    try:
-        task_vars.run(_enter, run, index)
-    except Exception as e:
-        failed = _failed(index, None, None, e)
+    install_output(job.levels)
+    output = list(chunk.output)
+    failed: tuple[Key | None, str | None, Exception] | None = None
+    with kept_output(index, _worker_name(), task_vars, output):
+        try:
+            task_vars.run(_enter, run, index)
+        except Exception as e:
+            failed = (None, None, e)
+        if failed is None:
+            fn, _ = run.loaded(index)
+            if step.timeout is not None:
+                fn = _Watched(fn, step.timeout)
+            apply = apply_for(step._replace(timeout=None), job.may_skip[index])
+            t0 = perf_counter()
+            try:
+                out, _ = task_vars.run(apply, fn, batch, slot, False, run.stop)
+            except Exception as e:
+                failed = (slot.key(), slot.value(), e)
+            seconds = perf_counter() - t0
     if failed is not None:  # raised out of the except block: no __context__ to pickle
-        raise failed
-    fn, _ = run.loaded(index)
-    if step.timeout is not None:
-        fn = _Watched(fn, step.timeout)
-    apply = apply_for(step._replace(timeout=None), job.may_skip[index])
-    t0 = perf_counter()
-    try:
-        out, _ = task_vars.run(apply, fn, batch, slot, False, run.stop)
-    except Exception as e:
-        failed = _failed(index, slot.key(), slot.value(), e)
-    if failed is not None:
-        raise failed
-    seconds = perf_counter() - t0
+        raise _failed(index, *failed, tuple(output))
     stats = (*chunk.stats, (index, seconds, len(values), _sizeof(out.values)))
-    return Chunk(out.keys, out.values, stats)
+    return Chunk(out.keys, out.values, stats, tuple(output))
 
 
-def load_step(job: Job, index: int) -> None:
+def load_step(job: Job, index: int) -> Kept:
     """Runs step ``index``'s init on this worker (a step that got no item still says whether it
-    loads, as on the local backend)."""
+    loads, as on the local backend); returns what it printed and logged."""
     run = _worker_run(job)
+    install_output(job.levels)
+    output: list[tuple[int, str, bytes]] = []
+    task_vars = contextvars.copy_context()
     failed = None
-    try:
-        contextvars.copy_context().run(_enter, run, index)
-    except Exception as e:
-        failed = _failed(index, None, None, e)
+    with kept_output(index, _worker_name(), task_vars, output):
+        try:
+            task_vars.run(_enter, run, index)
+        except Exception as e:
+            failed = e
     if failed is not None:
-        raise failed
+        raise _failed(index, None, None, failed, tuple(output))
+    return tuple(output)
 
 
 def _sizeof(values: list[Any]) -> int:
