@@ -122,7 +122,7 @@ def test_iter_is_lazy_on_an_endless_input(kind: str) -> None:
     # few batches per worker and queue slot), the batch being filled, and what the caller was
     # handed but did not take (a batch, and those held back behind it: one per worker).
     slots = 2 + 4  # workers + the default capacity
-    bound = (_local.WINDOW_BATCHES * slots + 4) * _sizing.MAX_CHUNK
+    bound = (_sizing.WINDOW_BATCHES * slots + 4) * _sizing.MAX_CHUNK
     assert read_ahead < bound
 
 

@@ -12,6 +12,7 @@ thread, one item at a time, for debugging). README "Adding a backend" says what 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
@@ -19,9 +20,33 @@ if TYPE_CHECKING:
     from ._context import Context
     from ._plan import Plan
 
-__all__ = ["Backend", "Progress", "Source", "names", "register", "resolve"]
+__all__ = ["Backend", "Progress", "Source", "fail_run", "names", "register", "resolve"]
 
 Progress = Callable[[int], None]  # told how many input items are done so far
+
+
+class _Failing(Protocol):
+    """A backend's run, as :func:`fail_run` sees it."""
+
+    ctx: Context
+    _lock: threading.Lock
+    _error: BaseException | None
+
+
+def fail_run(run: _Failing, error: BaseException, where: str) -> None:
+    """Every backend's rule for an error of a run: the first is kept (``run._error``), noted
+    with ``where`` it was raised, and cancels the run; later ones are dropped. A
+    ``StopIteration`` is wrapped: it cannot travel through a results generator (PEP 479)."""
+    if isinstance(error, StopIteration | StopAsyncIteration):
+        wrapped = RuntimeError(f"{type(error).__name__} raised in {where}")
+        wrapped.__cause__ = error
+        error = wrapped
+    with run._lock:
+        if run._error is not None:
+            return
+        run._error = error
+    error.add_note(f"pipeflow: raised in {where}")
+    run.ctx.cancel(f"{where} raised {type(error).__name__}: {error}")
 
 
 class Source(NamedTuple):

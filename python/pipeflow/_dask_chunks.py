@@ -21,7 +21,7 @@ from ._batch import Batch, Key
 from ._dask_tasks import Chunk
 from ._ordering import Reorderer, Window
 from ._plan import Plan
-from ._sizing import QUEUE_SECONDS, Sizer, Traits
+from ._sizing import QUEUE_SECONDS, Sizer, Traits, window_limit
 
 if TYPE_CHECKING:
     from distributed import Future
@@ -45,7 +45,6 @@ MAX_ITEMS = 1 << 16
 TRAITS = Traits(
     batch_seconds=0.05, grows=True, one_by_one=False, times_items=True, max_items=MAX_ITEMS
 )
-WINDOW_BATCHES = 2  # the in-flight bound of a segment, in chunks per worker and queue slot
 # Tasks of a step in flight per lane: one running, and one queued behind it once the segment's
 # items are known to be quick (``Sizer.quick``: a queued task then waits 0.1 s at most, as a
 # batch queued in a local worker process does); else one.
@@ -90,7 +89,8 @@ class Segment:
         first = plan.steps[self.steps[0]] if self.steps else None
         grows = index == 0 and total is not None
         self.sizer = Sizer(first, TRAITS, grows=grows) if first is not None else None
-        self.window = Window(self._limit(plan), stopping)
+        steps = [plan.steps[i] for i in self.steps]
+        self.window = Window(window_limit(steps, self.sizer, MAX_ITEMS), stopping)
         self.reorder = Reorderer(plan.segment_ordered(index), plan.segment_may_skip(index))
         self.inbox: list[Batch] = []  # a later segment's source: the groups made so far
         self.waiting: list[list[Flight]] = [[] for _ in self.steps]  # per position: at it
@@ -99,24 +99,6 @@ class Segment:
         self.done = False
         self.group: list[Any] = []  # the batch step ending it: the group being filled
         self.groups_made = 0
-
-    def _limit(self, plan: Plan) -> Any:
-        """The local backend's window: a few chunks per worker and queue slot, of the size the
-        segment asks for now (one chunk per worker while the size is still ramping up)."""
-        steps = [plan.steps[i] for i in self.steps]
-        slots = max(1, sum(s.workers + s.capacity for s in steps))
-        sizer = self.sizer
-        if sizer is None:
-            return lambda: WINDOW_BATCHES * slots * MAX_ITEMS
-        workers = steps[0].workers
-
-        def limit() -> int:
-            size = sizer.chunk()
-            if 2 * sizer.largest < size:
-                return workers * size
-            return WINDOW_BATCHES * slots * size
-
-        return limit
 
     def quick(self) -> bool:
         """Whether the segment's items are known to be quick (see ``LANE_DEPTH``)."""

@@ -43,7 +43,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from . import _output, _runtime
-from ._backend import Progress, Source
+from ._backend import Progress, Source, fail_run
 from ._batch import Batch
 from ._context import Context, _current
 from ._core import Channel
@@ -162,17 +162,8 @@ class DaskRun:
         self._wake()
 
     def _fail(self, error: BaseException, where: str) -> None:
-        """Records the first error and cancels the run; later errors are dropped."""
-        if isinstance(error, StopIteration | StopAsyncIteration):
-            wrapped = RuntimeError(f"{type(error).__name__} raised in {where}")
-            wrapped.__cause__ = error
-            error = wrapped
-        with self._lock:
-            if self._error is not None:
-                return
-            self._error = error
-        error.add_note(f"pipeflow: raised in {where}")
-        self.ctx.cancel(f"{where} raised {type(error).__name__}: {error}")
+        """Records the first error and cancels the run (``_backend.fail_run``)."""
+        fail_run(self, error, where)
 
     # ----------------------------------------------------------------- the caller's side
 

@@ -47,7 +47,7 @@ from time import perf_counter
 from typing import Any
 
 from . import _interrupt, _pool, _runtime
-from ._backend import Progress, Source, register
+from ._backend import Progress, Source, fail_run, register
 from ._batch import Batch, Slot
 from ._context import Context, _current
 from ._core import Channel
@@ -58,7 +58,7 @@ from ._plan import Plan
 from ._pool import default_pool
 from ._process_stage import ProcessRunner
 from ._runners import Duty, Once, StageRunner, ThreadRunner
-from ._sizing import MAX_CHUNK, Sizer
+from ._sizing import MAX_CHUNK, Sizer, window_limit
 from ._tasks import Tasks
 
 __all__ = ["RUNNERS", "LocalBackend", "Run"]
@@ -67,7 +67,6 @@ __all__ = ["RUNNERS", "LocalBackend", "Run"]
 RUNNERS: dict[str, type[StageRunner]] = {"thread": ThreadRunner, "process": ProcessRunner}
 SUPERVISE_EVERY = 0.1
 ABANDON_GRACE = 0.1  # after Ctrl-C or a deadline, how long to wait for items in hand
-WINDOW_BATCHES = 2  # in-flight bound, in batches per worker and queue slot
 
 
 class LocalBackend:
@@ -144,26 +143,10 @@ class Run:
     # ----------------------------------------------------------------- set-up and tear-down
 
     def _window_limit(self, segment: int) -> Callable[[], int]:
-        """The in-flight bound of a segment: a few batches per worker and queue slot, with
-        batches as large as the segment's first step takes now. While that step asks for
-        batches more than twice as large as any it has timed, one batch per worker: the first
-        are single items (nothing is known yet), whose time (mostly the per-batch cost) sizes
-        the next ones, larger, whose time is a better guide; so the size ramps up in a few
-        batches instead of many being sent at a size soon out of date."""
-        steps = [self.plan.steps[i] for i in self.plan.segment_steps(segment)]
-        slots = max(1, sum(s.workers + s.capacity for s in steps))
-        if not steps:
-            return lambda: WINDOW_BATCHES * slots * MAX_CHUNK
-        first = self.sizers[self.plan.segment_steps(segment)[0]]
-        workers = steps[0].workers
-
-        def limit() -> int:
-            size = first.chunk()
-            if 2 * first.largest < size:
-                return workers * size
-            return WINDOW_BATCHES * slots * size
-
-        return limit
+        """The segment's in-flight bound (``_sizing.window_limit``)."""
+        indices = self.plan.segment_steps(segment)
+        first = self.sizers[indices[0]] if indices else None
+        return window_limit([self.plan.steps[i] for i in indices], first, MAX_CHUNK)
 
     def _stopping(self) -> bool:
         return self._stopped
@@ -225,18 +208,8 @@ class Run:
     # ----------------------------------------------------------------- errors
 
     def _fail(self, error: BaseException, where: str) -> None:
-        """Records the first error and cancels the run; later errors are dropped."""
-        if isinstance(error, StopIteration | StopAsyncIteration):
-            # It cannot travel through the results generator (PEP 479): say what it was.
-            wrapped = RuntimeError(f"{type(error).__name__} raised in {where}")
-            wrapped.__cause__ = error
-            error = wrapped
-        with self._lock:
-            if self._error is not None:
-                return
-            self._error = error
-        error.add_note(f"pipeflow: raised in {where}")
-        self.ctx.cancel(f"{where} raised {type(error).__name__}: {error}")
+        """Records the first error and cancels the run (``_backend.fail_run``)."""
+        fail_run(self, error, where)
 
     def _where(self, index: int, worker: int, slot: Slot | None = None) -> str:
         """Names a worker of step ``index`` (and the item in hand in ``slot``) in a message."""

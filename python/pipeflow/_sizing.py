@@ -11,12 +11,13 @@ costs the parent fewer batches.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from time import perf_counter
 from typing import NamedTuple
 
 from ._plan import Step
 
-__all__ = ["MAX_CHUNK", "Sizer", "Traits"]
+__all__ = ["MAX_CHUNK", "WINDOW_BATCHES", "Sizer", "Traits", "window_limit"]
 
 MAX_CHUNK = 8192  # the most items in one batch
 # The first step of a pipeline whose input has a known length gets batches that shrink near its
@@ -29,6 +30,7 @@ GROWN_SECONDS = 0.25
 TAIL_SECONDS = 0.002  # near the end of an input of known length, batches shrink to this
 CHUNK_BYTES = 1 << 20  # and whose items or results come to about this much (large ones go alone)
 QUEUE_SECONDS = 0.1  # items at most this long may wait behind a batch in a worker (see quick)
+WINDOW_BATCHES = 2  # a segment's in-flight bound, in batches per worker and queue slot
 
 
 class Traits(NamedTuple):
@@ -107,3 +109,25 @@ class Sizer:
             self._items = 0.5 * self._items + items
             self._bytes = 0.5 * self._bytes + nbytes
             self.seconds_per_item = self._seconds / self._items
+
+
+def window_limit(steps: Sequence[Step], first: Sizer | None, most: int) -> Callable[[], int]:
+    """The in-flight bound of a segment of ``steps`` (whose first step's sizer is ``first``):
+    ``WINDOW_BATCHES`` batches per worker and queue slot, of the size that step asks for now
+    (``most`` items a batch for a segment without steps). While that step asks for batches
+    more than twice as large as any it has timed, one batch per worker: the first are single
+    items (nothing is known yet), whose time (mostly the per-batch cost) sizes the next ones,
+    larger, whose time is a better guide; so the size ramps up in a few batches instead of
+    many being sent at a size soon out of date."""
+    slots = max(1, sum(s.workers + s.capacity for s in steps))
+    if first is None:
+        return lambda: WINDOW_BATCHES * slots * most
+    sizer, workers = first, steps[0].workers
+
+    def limit() -> int:
+        size = sizer.chunk()
+        if 2 * sizer.largest < size:
+            return workers * size
+        return WINDOW_BATCHES * slots * size
+
+    return limit
